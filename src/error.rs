@@ -1,0 +1,118 @@
+//! The crate's one error type.
+
+/// Everything that can go wrong in `outbox`.
+///
+/// Errors from inside [`transaction`](crate::transaction) reach your closure as
+/// [`diesel::result::Error`] (so that your own error type only needs
+/// `From<diesel::result::Error>`); converting that back with
+/// `outbox::Error::from` recovers the typed variant below.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic is empty, longer than [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN)
+    /// bytes, or contains a control character. Fix the topic; nothing was
+    /// written.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The offending topic, cut to its first 64 characters.
+        topic: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// An ordering key contains a NUL character, which PostgreSQL `text`
+    /// cannot store. Nothing was written.
+    #[error("invalid event key: {reason}")]
+    InvalidKey {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A header name is empty, or a name or value contains a NUL character.
+    /// Nothing was written.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header name, cut to its first 64 characters.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The payload could not be serialized to JSON (a map with non-string
+    /// keys, a failing `Serialize` impl …). Nothing was written.
+    #[error("event payload could not be serialized to JSON")]
+    Serialize(#[source] serde_json::Error),
+
+    /// The payload contains the NUL character (`\u0000`) in a string, which
+    /// PostgreSQL `jsonb` rejects. Strip or encode it before publishing.
+    /// Nothing was written.
+    #[error("event payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")]
+    NulInPayload,
+
+    /// A stored payload does not deserialize into the requested type.
+    #[error("event {id} payload does not match the expected type")]
+    Decode {
+        /// The event whose payload did not match.
+        id: crate::EventId,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Applying the embedded migrations failed. The migration that failed
+    /// was rolled back; see the source for the cause.
+    #[error("outbox migrations failed")]
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
+
+    /// Connecting to the database failed: it is unreachable, refuses the
+    /// credentials, or the URL is malformed.
+    #[error("could not connect to the database")]
+    Connect(#[from] diesel::ConnectionError),
+
+    /// A query failed: the database is unreachable, the connection broke, the
+    /// schema is not migrated, or a constraint rejected a row.
+    #[error("database error")]
+    Database(#[source] diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Error {
+    /// Unwraps an `outbox::Error` that travelled through diesel's
+    /// [`SerializationError`](diesel::result::Error::SerializationError)
+    /// variant (as errors raised inside [`transaction`](crate::transaction)
+    /// do), and wraps any other diesel error as [`Error::Database`].
+    fn from(error: diesel::result::Error) -> Self {
+        match error {
+            diesel::result::Error::SerializationError(inner) if inner.is::<Error>() => {
+                match inner.downcast::<Error>() {
+                    Ok(ours) => *ours,
+                    // Unreachable after `is`, but never panic on it.
+                    Err(other) => Error::Database(diesel::result::Error::SerializationError(other)),
+                }
+            }
+            other => Error::Database(other),
+        }
+    }
+}
+
+impl From<Error> for diesel::result::Error {
+    /// Carries an `outbox::Error` through APIs that speak diesel's error
+    /// type; `outbox::Error::from` unwraps it again.
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Database(inner) => inner,
+            ours => diesel::result::Error::SerializationError(Box::new(ours)),
+        }
+    }
+}
+
+/// Cuts user input for inclusion in an error message.
+pub(crate) fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,78 @@
+//! # outbox: a transactional outbox for diesel and PostgreSQL
+//!
+//! A request handler that writes to the database and then calls an email
+//! API, a payment provider or a webhook has a gap: when the call fails after
+//! the commit, the database says "done" and the world never hears about it;
+//! when the transaction rolls back after the call, the world heard about
+//! something that never happened.
+//!
+//! `outbox` closes the gap. The event is a row written **in the same
+//! transaction** as the business change, so it exists if and only if that
+//! transaction committed. A relay delivers the events afterwards, retrying
+//! until they succeed, and parks those that never will in a dead-letter
+//! table.
+//!
+//! ## Getting started
+//!
+//! 1. Apply the schema once per start-up with [`migrate`] (idempotent, safe
+//!    when several processes start at once).
+//! 2. Declare an [`Event`]: a serde type bound to its topic.
+//! 3. Write business rows and publish events in one [`transaction`].
+//!
+//! ```
+//! # #[path = "../tests/support/pg.rs"] mod pg;
+//! # let db = pg::test_db();
+//! # let mut conn = db.conn();
+//! use serde::Serialize;
+//!
+//! #[derive(Serialize)]
+//! struct OrderApproved { order_id: i64, email: String }
+//!
+//! impl outbox::Event for OrderApproved {
+//!     const TOPIC: &'static str = "order.approved";
+//! }
+//!
+//! outbox::migrate(&mut conn)?;
+//! let id = outbox::transaction(&mut conn, |tx| {
+//!     // ... your diesel writes through tx.conn() ...
+//!     tx.publish(&OrderApproved { order_id: 7, email: "ada@example.com".into() })
+//! })?;
+//! println!("event {id} is queued for delivery");
+//! # Ok::<(), outbox::Error>(())
+//! ```
+//!
+//! ## What you get
+//!
+//! | | |
+//! |---|---|
+//! | Atomic publish | an event exists if and only if its transaction committed |
+//! | Typed events | a topic's payload always has the same shape |
+//! | Per-key order | events sharing a key are delivered in the order written |
+//! | Delayed delivery | [`NewEvent::delay`] / [`NewEvent::available_at`] |
+//! | Batches | [`Tx::publish_all`] writes many events in one round trip |
+//! | Any language | the tables are a documented contract (`docs/schema.md`): publish with a plain `INSERT` |
+//! | Safe schema | [`migrate`] keeps its bookkeeping in its own schema, next to your own diesel migrations |
+//!
+//! Bad input (an invalid topic, a payload that does not serialize or that
+//! holds `\u0000`) is a typed [`Error`] before anything is written.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod event;
+mod migrate;
+mod new_event;
+mod queue;
+mod store;
+mod transaction;
+
+pub use error::{Error, Result};
+pub use event::{Event, EventId, Headers, StoredEvent};
+pub use migrate::migrate;
+pub use new_event::{validate_topic, NewEvent, MAX_TOPIC_LEN};
+pub use queue::queued_events;
+pub use transaction::{transaction, Tx};
+
+/// The channel the `outbox.events` insert trigger notifies (with an empty
+/// payload) after every statement that inserts events.
+pub const NOTIFY_CHANNEL: &str = "outbox_events";

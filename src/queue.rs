@@ -1,0 +1,25 @@
+//! Reading the queue without delivering it.
+
+use diesel::PgConnection;
+
+use crate::error::Result;
+use crate::event::StoredEvent;
+use crate::store;
+
+/// The oldest `limit` events still in `outbox.events` (due, delayed or held
+/// by a relay), in id order. For inspection and tests: it takes no locks and
+/// claims nothing.
+///
+/// ```no_run
+/// # let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;
+/// for event in outbox::queued_events(&mut conn, 20)? {
+///     println!("{} {} attempts={}", event.id, event.topic, event.attempts);
+/// }
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub fn queued_events(conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredEvent>> {
+    store::queued_events(conn, limit)?
+        .into_iter()
+        .map(store::stored_event)
+        .collect()
+}

@@ -1,0 +1,139 @@
+//! The tables as a contract for other languages: plain SQL in, the library
+//! reads it back; constraints reject what the library would; the trigger
+//! wakes listeners once per statement.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+
+use crate::common::{approved, count, OrderApproved};
+use crate::pg;
+
+/// The statement `docs/schema.md` shows to publishers in other languages.
+const PLAIN_INSERT: &str = "\
+INSERT INTO outbox.events (topic, key, payload, headers)
+VALUES ('order.approved', 'order-7',
+        '{\"order_id\": 7, \"email\": \"customer7@example.com\"}',
+        '{\"traceparent\": \"00-abc-01\"}')
+RETURNING id";
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[test]
+fn an_event_inserted_with_plain_sql_reads_back_through_the_library() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let id = diesel::sql_query(PLAIN_INSERT).get_result::<Id>(&mut conn).unwrap().id;
+
+    let queued = outbox::queued_events(&mut conn, 10).unwrap();
+    assert_eq!(queued.len(), 1);
+    let event = &queued[0];
+    assert_eq!(event.id, outbox::EventId(id));
+    assert_eq!(event.topic, "order.approved");
+    assert_eq!(event.key.as_deref(), Some("order-7"));
+    assert_eq!(event.decode::<OrderApproved>().unwrap(), approved(7));
+    assert_eq!(event.headers["traceparent"], "00-abc-01");
+    assert_eq!(event.attempts, 0);
+}
+
+#[test]
+fn constraints_reject_what_the_library_would() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    for (values, constraint) in [
+        ("('t', NULL, '{}')", "null value in column \"payload\""),
+        ("('', '{}', '{}')", "events_topic_valid"),
+        ("(E't\\n', '{}', '{}')", "events_topic_valid"),
+        ("('t', '{}', '[]')", "events_headers_string_map"),
+        ("('t', '{}', '{\"n\": 1}')", "events_headers_string_map"),
+        ("('t', '{}', 'null')", "events_headers_string_map"),
+    ] {
+        let error = diesel::sql_query(format!(
+            "INSERT INTO outbox.events (topic, payload, headers) VALUES {values}"
+        ))
+        .execute(&mut conn)
+        .expect_err(values);
+        assert!(error.to_string().contains(constraint), "{values}: {error}");
+    }
+    let error = diesel::sql_query(
+        "INSERT INTO outbox.events (topic, payload) VALUES ('t', '{\"a\": \"\\u0000\"}')",
+    )
+    .execute(&mut conn)
+    .expect_err("jsonb must reject NUL");
+    assert!(error.to_string().contains("unsupported Unicode escape sequence"), "{error}");
+    assert_eq!(count(&mut conn, "outbox.events"), 0);
+}
+
+#[test]
+fn the_trigger_notifies_once_per_insert_statement_with_an_empty_payload() {
+    let db = pg::test_db();
+    let mut listener = db.conn();
+    diesel::sql_query(format!("LISTEN {}", outbox::NOTIFY_CHANNEL))
+        .execute(&mut listener)
+        .unwrap();
+
+    let mut publisher = db.conn();
+    let events: Vec<_> = (1..=10).map(approved).collect();
+    outbox::transaction(&mut publisher, |tx| tx.publish_all(&events)).unwrap();
+    outbox::transaction(&mut publisher, |tx| tx.publish(&approved(11))).unwrap();
+
+    // Both commits happened before this point, so both notifications are
+    // already queued on the listener's connection (a round trip reads them).
+    diesel::sql_query("SELECT 1").execute(&mut listener).unwrap();
+    let received: Vec<_> = listener
+        .notifications_iter()
+        .map(|n| n.unwrap())
+        .map(|n| (n.channel, n.payload))
+        .collect();
+    let expected = ("outbox_events".to_owned(), String::new());
+    assert_eq!(received, [expected.clone(), expected]);
+}
+
+#[test]
+fn every_table_and_column_is_commented() {
+    #[derive(QueryableByName, Debug)]
+    #[allow(dead_code)] // read through Debug
+    struct Uncommented {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let missing = diesel::sql_query(
+        "SELECT c.relname || coalesce('.' || a.attname, '') AS name
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+          WHERE n.nspname = 'outbox'
+            AND c.relname IN ('events', 'dead_letters')
+            AND col_description(c.oid, coalesce(a.attnum, 0)) IS NULL
+            AND (a.attnum IS NOT NULL OR obj_description(c.oid, 'pg_class') IS NULL)",
+    )
+    .load::<Uncommented>(&mut conn)
+    .unwrap();
+    assert!(missing.is_empty(), "uncommented: {missing:?}");
+}
+
+#[test]
+fn the_events_table_vacuums_after_a_fixed_number_of_dead_rows() {
+    #[derive(QueryableByName)]
+    struct Options {
+        #[diesel(sql_type = Text)]
+        options: String,
+    }
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let options = diesel::sql_query(
+        "SELECT array_to_string(reloptions, ',') AS options FROM pg_class
+          WHERE oid = 'outbox.events'::regclass",
+    )
+    .get_result::<Options>(&mut conn)
+    .unwrap()
+    .options;
+    assert!(options.contains("autovacuum_vacuum_scale_factor=0"), "{options}");
+    assert!(options.contains("autovacuum_vacuum_threshold=1000"), "{options}");
+    assert!(options.contains("autovacuum_vacuum_cost_delay=0"), "{options}");
+}

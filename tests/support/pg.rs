@@ -1,0 +1,368 @@
+//! A PostgreSQL database per test, for tests, doctests, examples and benches.
+//!
+//! The server is `DATABASE_URL` when it is set (it must allow `CREATE
+//! DATABASE`); otherwise a throwaway cluster is started from the local
+//! PostgreSQL installation (`initdb` + `pg_ctl`), once per process, and
+//! stopped when the process exits, however it exits: a watchdog process
+//! holds the read end of a pipe whose write end only this process has.
+//!
+//! Each [`TestDb`] is a fresh database cloned from a migrated template, so
+//! tests run in parallel without seeing each other's rows or notifications.
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use diesel::prelude::*;
+
+/// A database of its own, dropped (with any connection still open to it)
+/// when this value is.
+pub struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// The connection URL of this database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A new connection to this database.
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url)
+            .unwrap_or_else(|e| panic!("connecting to test database {}: {e}", self.name))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&server().admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+/// A fresh database with the outbox schema migrated.
+pub fn test_db() -> TestDb {
+    database_from(&server().template)
+}
+
+/// A fresh, empty database: the outbox schema is not there.
+pub fn empty_db() -> TestDb {
+    database_from("template0")
+}
+
+fn database_from(template: &str) -> TestDb {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let server = server();
+    let name = format!(
+        "outbox_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut admin = admin_conn(server);
+    diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .execute(&mut admin)
+        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    let url = with_database(&server.admin_url, &name);
+    TestDb { name, url }
+}
+
+struct Server {
+    admin_url: String,
+    template: String,
+    /// Closing this (at process exit) tells the watchdog to stop the cluster.
+    _watchdog: Option<Mutex<ChildStdin>>,
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let (admin_url, watchdog) = match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => (url, None),
+            _ => {
+                let (url, stdin) = start_cluster();
+                (url, Some(Mutex::new(stdin)))
+            }
+        };
+        let mut server = Server {
+            admin_url,
+            template: String::new(),
+            _watchdog: watchdog,
+        };
+        server.template = migrated_template(&server);
+        server
+    })
+}
+
+fn admin_conn(server: &Server) -> PgConnection {
+    PgConnection::establish(&server.admin_url).unwrap_or_else(|e| {
+        panic!(
+            "connecting to the test server ({}): {e}",
+            redact(&server.admin_url)
+        )
+    })
+}
+
+/// The template database for this version of the migrations, built once
+/// per server: its name carries a hash of the migration files, and it is
+/// built under another name and renamed, so a crash never leaves a half
+/// migrated template behind.
+fn migrated_template(server: &Server) -> String {
+    let name = format!("outbox_template_{:016x}", migrations_hash());
+    let mut admin = admin_conn(server);
+    diesel::sql_query("SELECT pg_advisory_lock(7370616)")
+        .execute(&mut admin)
+        .expect("locking template creation");
+    #[derive(QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        found: bool,
+    }
+    let exists = diesel::sql_query(format!(
+        "SELECT EXISTS (SELECT FROM pg_database WHERE datname = '{name}') AS found"
+    ))
+    .get_result::<Found>(&mut admin)
+    .expect("looking for the template database")
+    .found;
+    if !exists {
+        let building = format!("{name}_building_{}", std::process::id());
+        let build = |admin: &mut PgConnection| -> Result<(), Box<dyn std::error::Error>> {
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS {building}")).execute(admin)?;
+            diesel::sql_query(format!("CREATE DATABASE {building} TEMPLATE template0"))
+                .execute(admin)?;
+            {
+                let mut conn =
+                    PgConnection::establish(&with_database(&server.admin_url, &building))?;
+                outbox::migrate(&mut conn)?;
+            }
+            diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {name}"))
+                .execute(admin)?;
+            Ok(())
+        };
+        build(&mut admin).unwrap_or_else(|e| panic!("building template database: {e}"));
+    }
+    let _ = diesel::sql_query("SELECT pg_advisory_unlock(7370616)").execute(&mut admin);
+    name
+}
+
+fn migrations_hash() -> u64 {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut pending = vec![dir.clone()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).expect("reading migrations/") {
+            let path = entry.expect("reading migrations/").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    for file in files {
+        file.strip_prefix(&dir).unwrap().hash(&mut hasher);
+        std::fs::read(&file).unwrap().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    format!("{base}/{database}{query}")
+}
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Starts a throwaway cluster; returns its admin URL and the watchdog's
+/// stdin, whose closing stops the cluster and removes its files.
+fn start_cluster() -> (String, ChildStdin) {
+    let bin = postgres_bindir().unwrap_or_else(|| {
+        panic!(
+            "DATABASE_URL is not set and no PostgreSQL installation was found \
+             (looked at $PG_BINDIR, `pg_config --bindir`, /usr/lib/postgresql/*/bin and $PATH for \
+             initdb and pg_ctl). Install the PostgreSQL server (e.g. `apt-get install postgresql`) \
+             or set DATABASE_URL to a server where this user may CREATE DATABASE."
+        )
+    });
+    let owner = cluster_owner();
+    let root = std::env::temp_dir().join(format!(
+        "outbox-pg-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    ));
+    std::fs::create_dir_all(&root).expect("creating the cluster directory");
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&root, Some(uid), Some(gid)).expect("chown cluster directory");
+    }
+    let data = root.join("data");
+    let command = |program: &str| {
+        let mut cmd = Command::new(bin.join(program));
+        cmd.current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = owner {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    };
+    let out = command("initdb")
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
+        .arg(&data)
+        .output()
+        .expect("running initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=300",
+        root.display()
+    );
+    let out = command("pg_ctl")
+        .args(["-w", "-t", "60", "-l"])
+        .arg(root.join("server.log"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-o", &options, "start"])
+        .output()
+        .expect("running pg_ctl start");
+    let log = std::fs::read_to_string(root.join("server.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "pg_ctl start failed: {}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut watchdog = Command::new("sh");
+    watchdog
+        .args([
+            "-c",
+            r#"read _ignored; "$1" -D "$2" stop -m immediate >/dev/null 2>&1; rm -rf "$3""#,
+            "outbox-pg-watchdog",
+        ])
+        .arg(bin.join("pg_ctl"))
+        .arg(&data)
+        .arg(&root)
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some((uid, gid)) = owner {
+        watchdog.uid(uid).gid(gid);
+    }
+    let mut child = watchdog.spawn().expect("starting the cluster watchdog");
+    let mut stdin = child.stdin.take().expect("watchdog stdin");
+    let _ = stdin.flush();
+    (format!("postgres://postgres@127.0.0.1:{port}/postgres"), stdin)
+}
+
+/// PostgreSQL refuses to run as root: when we are root, the cluster runs as
+/// the `postgres` user (or `nobody`).
+fn cluster_owner() -> Option<(u32, u32)> {
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
+    if uid != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("reading /etc/passwd");
+    for wanted in ["postgres", "nobody"] {
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() > 3 && fields[0] == wanted {
+                if let (Ok(uid), Ok(gid)) = (fields[2].parse(), fields[3].parse()) {
+                    return Some((uid, gid));
+                }
+            }
+        }
+    }
+    panic!("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL");
+}
+
+fn postgres_bindir() -> Option<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        candidates.push(dir.into());
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort_by_key(|p| {
+            std::cmp::Reverse(
+                p.parent()
+                    .and_then(|v| v.file_name())
+                    .and_then(|v| v.to_str())
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0),
+            )
+        });
+        candidates.extend(versions);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    candidates.into_iter().find(|dir| has_tools(dir))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
