@@ -46,7 +46,9 @@ pub enum Error {
     /// The payload contains the NUL character (`\u0000`) in a string, which
     /// PostgreSQL `jsonb` rejects. Strip or encode it before publishing.
     /// Nothing was written.
-    #[error("event payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")]
+    #[error(
+        "event payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
+    )]
     NulInPayload,
 
     /// A stored payload does not deserialize into the requested type.

@@ -96,7 +96,11 @@ impl NewEvent {
     /// Delays delivery by `delay`, measured from now on this machine's clock.
     pub fn delay(mut self, delay: Duration) -> Self {
         let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-        self.available_at = Some(Utc::now().checked_add_signed(delay).unwrap_or(DateTime::<Utc>::MAX_UTC));
+        self.available_at = Some(
+            Utc::now()
+                .checked_add_signed(delay)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        );
         self
     }
 

@@ -3,12 +3,14 @@
 //! Nothing outside this module writes SQL. Each query says which index it
 //! relies on and which locks it takes.
 
-use diesel::pg::Pg;
 use diesel::connection::SimpleConnection;
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::Jsonb;
 use std::io::Write;
+
+use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::event::{EventId, Headers, StoredEvent};
@@ -63,34 +65,41 @@ impl ToSql<Jsonb, Pg> for RawJson<'_> {
     }
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = events)]
-struct EventInsert<'a> {
-    topic: &'a str,
-    key: Option<&'a str>,
-    payload: RawJson<'a>,
-    // `None` leaves the column default: `{}` and now().
-    headers: Option<RawJson<'a>>,
-    available_at: Option<chrono::DateTime<chrono::Utc>>,
+/// The column values of one event row. Every column is bound, none left
+/// to `DEFAULT`: diesel caches the prepared statement of such an insert,
+/// while a `DEFAULT` in the VALUES list makes it re-parse every time.
+type EventValues<'a> = (
+    diesel::dsl::Eq<events::topic, &'a str>,
+    diesel::dsl::Eq<events::key, Option<&'a str>>,
+    diesel::dsl::Eq<events::payload, RawJson<'a>>,
+    diesel::dsl::Eq<events::headers, RawJson<'a>>,
+    diesel::dsl::Eq<events::available_at, available_or_now<Option<DateTime<Utc>>, diesel::dsl::now>>,
+);
+
+fn event_values(event: &ValidEvent) -> EventValues<'_> {
+    (
+        events::topic.eq(event.topic.as_str()),
+        events::key.eq(event.key.as_deref()),
+        events::payload.eq(RawJson(&event.payload)),
+        events::headers.eq(RawJson(event.headers.as_deref().unwrap_or("{}"))),
+        events::available_at.eq(available_or_now(event.available_at, diesel::dsl::now)),
+    )
 }
 
-impl<'a> From<&'a ValidEvent> for EventInsert<'a> {
-    fn from(event: &'a ValidEvent) -> Self {
-        EventInsert {
-            topic: &event.topic,
-            key: event.key.as_deref(),
-            payload: RawJson(&event.payload),
-            headers: event.headers.as_deref().map(RawJson),
-            available_at: event.available_at,
-        }
-    }
+diesel::define_sql_function! {
+    /// `coalesce(at, now())`: "now" in the database's clock unless a time is given.
+    #[sql_name = "coalesce"]
+    fn available_or_now(
+        at: diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+        now: diesel::sql_types::Timestamptz,
+    ) -> diesel::sql_types::Timestamptz;
 }
 
 /// Inserts one event. A prepared statement cached per connection; the row
 /// takes no lock anyone else waits on (relays skip uncommitted rows).
 pub(crate) fn insert_event(conn: &mut PgConnection, event: &ValidEvent) -> QueryResult<EventId> {
     diesel::insert_into(events::table)
-        .values(EventInsert::from(event))
+        .values(event_values(event))
         .returning(events::id)
         .get_result(conn)
         .map(EventId)
@@ -106,7 +115,7 @@ pub(crate) fn insert_events(
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<EventInsert<'_>> = batch.iter().map(EventInsert::from).collect();
+    let rows: Vec<EventValues<'_>> = batch.iter().map(event_values).collect();
     let mut ids: Vec<i64> = diesel::insert_into(events::table)
         .values(rows)
         .returning(events::id)

@@ -88,10 +88,7 @@ fn host_application_migrations_run_revert_and_redo_beside_outbox() {
 
     // `diesel migration redo`: revert, then run again.
     conn.revert_last_migration(app_migrations()).unwrap();
-    assert!(conn
-        .applied_migrations()
-        .unwrap()
-        .is_empty());
+    assert!(conn.applied_migrations().unwrap().is_empty());
     conn.run_pending_migrations(app_migrations()).unwrap();
     // `diesel migration revert` once more must only touch the application.
     conn.revert_last_migration(app_migrations()).unwrap();
@@ -118,7 +115,10 @@ fn outbox_migrates_after_the_application_has_its_own_migrations() {
         versions(&mut conn, "public.__diesel_schema_migrations"),
         ["20260101000000"]
     );
-    assert!(conn.has_pending_migration(app_migrations()).map(|p| !p).unwrap());
+    assert!(conn
+        .has_pending_migration(app_migrations())
+        .map(|p| !p)
+        .unwrap());
 }
 
 #[test]
@@ -155,5 +155,8 @@ fn queries_against_an_unmigrated_database_are_typed_errors() {
     let outbox::Error::Database(cause) = &error else {
         panic!("expected a database error, got {error:?}");
     };
-    assert_eq!(cause.to_string(), r#"relation "outbox.events" does not exist"#);
+    assert_eq!(
+        cause.to_string(),
+        r#"relation "outbox.events" does not exist"#
+    );
 }

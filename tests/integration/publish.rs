@@ -56,7 +56,9 @@ fn rollback_discards_the_event_and_the_business_row() {
     let result: Result<(), outbox::Error> = outbox::transaction(&mut conn, |tx| {
         insert_order(tx.conn(), 7)?;
         tx.publish(&approved(7))?;
-        Err(outbox::Error::InvalidKey { reason: "the handler changed its mind" })
+        Err(outbox::Error::InvalidKey {
+            reason: "the handler changed its mind",
+        })
     });
     assert!(matches!(result, Err(outbox::Error::InvalidKey { .. })));
     assert_nothing_written(&mut conn);
@@ -96,7 +98,10 @@ fn an_application_error_type_needs_only_from_diesel_error() {
     };
     assert!(matches!(
         outbox::Error::from(db_error),
-        outbox::Error::InvalidTopic { reason: "empty", .. }
+        outbox::Error::InvalidTopic {
+            reason: "empty",
+            ..
+        }
     ));
     assert_nothing_written(&mut conn);
 }
@@ -129,10 +134,8 @@ fn publish_all_writes_many_events_in_order() {
     assert_eq!(ids.len(), 10);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     let queued = outbox::queued_events(&mut conn, 100).unwrap();
-    let stored: Vec<(outbox::EventId, OrderApproved)> = queued
-        .iter()
-        .map(|e| (e.id, e.decode().unwrap()))
-        .collect();
+    let stored: Vec<(outbox::EventId, OrderApproved)> =
+        queued.iter().map(|e| (e.id, e.decode().unwrap())).collect();
     let expected: Vec<_> = ids.iter().copied().zip(events).collect();
     assert_eq!(stored, expected);
 }
@@ -188,7 +191,13 @@ fn one_invalid_event_in_a_batch_writes_none_of_it() {
         ])?)
     });
     assert!(
-        matches!(result, Err(outbox::Error::InvalidTopic { reason: "contains a control character", .. })),
+        matches!(
+            result,
+            Err(outbox::Error::InvalidTopic {
+                reason: "contains a control character",
+                ..
+            })
+        ),
         "{result:?}"
     );
     assert_nothing_written(&mut conn);
@@ -229,7 +238,10 @@ fn a_payload_with_a_nul_character_is_a_typed_error() {
             email: "nul\u{0}@example.com".into(),
         })?)
     });
-    assert!(matches!(result, Err(outbox::Error::NulInPayload)), "{result:?}");
+    assert!(
+        matches!(result, Err(outbox::Error::NulInPayload)),
+        "{result:?}"
+    );
     assert_nothing_written(&mut conn);
 }
 
@@ -261,13 +273,22 @@ fn invalid_keys_and_headers_are_typed_errors() {
     let bad_key = outbox::NewEvent::typed(&approved(1)).key("a\u{0}b");
     let result: Result<_, outbox::Error> =
         outbox::transaction(&mut conn, |tx| Ok(tx.publish_event(bad_key)?));
-    assert!(matches!(result, Err(outbox::Error::InvalidKey { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(outbox::Error::InvalidKey { .. })),
+        "{result:?}"
+    );
 
     let bad_header = outbox::NewEvent::typed(&approved(1)).header("", "x");
     let result: Result<_, outbox::Error> =
         outbox::transaction(&mut conn, |tx| Ok(tx.publish_event(bad_header)?));
     assert!(
-        matches!(&result, Err(outbox::Error::InvalidHeader { reason: "empty name", .. })),
+        matches!(
+            &result,
+            Err(outbox::Error::InvalidHeader {
+                reason: "empty name",
+                ..
+            })
+        ),
         "{result:?}"
     );
     assert_nothing_written(&mut conn);
@@ -290,7 +311,10 @@ fn a_panic_in_the_closure_rolls_back_and_keeps_the_connection_usable() {
     // The connection left the transaction: this one commits for real.
     let id = outbox::transaction(&mut conn, |tx| tx.publish(&approved(2))).unwrap();
     let seen_elsewhere = outbox::queued_events(&mut db.conn(), 10).unwrap();
-    assert_eq!(seen_elsewhere.iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
+    assert_eq!(
+        seen_elsewhere.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [id]
+    );
 }
 
 #[test]
@@ -312,6 +336,9 @@ fn a_connection_that_breaks_mid_transaction_writes_nothing() {
             .execute(&mut db.conn())?;
         Ok(tx.publish(&approved(1))?)
     });
-    assert!(matches!(result, Err(outbox::Error::Database(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(outbox::Error::Database(_))),
+        "{result:?}"
+    );
     assert_nothing_written(&mut db.conn());
 }

@@ -26,7 +26,10 @@ struct Id {
 fn an_event_inserted_with_plain_sql_reads_back_through_the_library() {
     let db = pg::test_db();
     let mut conn = db.conn();
-    let id = diesel::sql_query(PLAIN_INSERT).get_result::<Id>(&mut conn).unwrap().id;
+    let id = diesel::sql_query(PLAIN_INSERT)
+        .get_result::<Id>(&mut conn)
+        .unwrap()
+        .id;
 
     let queued = outbox::queued_events(&mut conn, 10).unwrap();
     assert_eq!(queued.len(), 1);
@@ -63,7 +66,12 @@ fn constraints_reject_what_the_library_would() {
     )
     .execute(&mut conn)
     .expect_err("jsonb must reject NUL");
-    assert!(error.to_string().contains("unsupported Unicode escape sequence"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("unsupported Unicode escape sequence"),
+        "{error}"
+    );
     assert_eq!(count(&mut conn, "outbox.events"), 0);
 }
 
@@ -82,7 +90,9 @@ fn the_trigger_notifies_once_per_insert_statement_with_an_empty_payload() {
 
     // Both commits happened before this point, so both notifications are
     // already queued on the listener's connection (a round trip reads them).
-    diesel::sql_query("SELECT 1").execute(&mut listener).unwrap();
+    diesel::sql_query("SELECT 1")
+        .execute(&mut listener)
+        .unwrap();
     let received: Vec<_> = listener
         .notifications_iter()
         .map(|n| n.unwrap())
@@ -133,7 +143,16 @@ fn the_events_table_vacuums_after_a_fixed_number_of_dead_rows() {
     .get_result::<Options>(&mut conn)
     .unwrap()
     .options;
-    assert!(options.contains("autovacuum_vacuum_scale_factor=0"), "{options}");
-    assert!(options.contains("autovacuum_vacuum_threshold=1000"), "{options}");
-    assert!(options.contains("autovacuum_vacuum_cost_delay=0"), "{options}");
+    assert!(
+        options.contains("autovacuum_vacuum_scale_factor=0"),
+        "{options}"
+    );
+    assert!(
+        options.contains("autovacuum_vacuum_threshold=1000"),
+        "{options}"
+    );
+    assert!(
+        options.contains("autovacuum_vacuum_cost_delay=0"),
+        "{options}"
+    );
 }

@@ -257,7 +257,17 @@ fn start_cluster() -> (String, ChildStdin) {
         cmd
     };
     let out = command("initdb")
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "-D",
+        ])
         .arg(&data)
         .output()
         .expect("running initdb");
@@ -303,10 +313,15 @@ fn start_cluster() -> (String, ChildStdin) {
     if let Some((uid, gid)) = owner {
         watchdog.uid(uid).gid(gid);
     }
+    // Never waited for: it must outlive this process to clean up after it.
+    #[allow(clippy::zombie_processes)]
     let mut child = watchdog.spawn().expect("starting the cluster watchdog");
     let mut stdin = child.stdin.take().expect("watchdog stdin");
     let _ = stdin.flush();
-    (format!("postgres://postgres@127.0.0.1:{port}/postgres"), stdin)
+    (
+        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        stdin,
+    )
 }
 
 /// PostgreSQL refuses to run as root: when we are root, the cluster runs as
@@ -327,7 +342,9 @@ fn cluster_owner() -> Option<(u32, u32)> {
             }
         }
     }
-    panic!("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL");
+    panic!(
+        "running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL"
+    );
 }
 
 fn postgres_bindir() -> Option<PathBuf> {
