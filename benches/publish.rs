@@ -112,7 +112,9 @@ fn publish(c: &mut Criterion) {
     }
     group.finish();
     // Keep the queue from growing across benchmark runs on a shared server.
-    diesel::sql_query("TRUNCATE outbox.events").execute(&mut conn).unwrap();
+    diesel::sql_query("TRUNCATE outbox.events")
+        .execute(&mut conn)
+        .unwrap();
 }
 
 criterion_group!(benches, publish);

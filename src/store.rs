@@ -73,7 +73,10 @@ type EventValues<'a> = (
     diesel::dsl::Eq<events::key, Option<&'a str>>,
     diesel::dsl::Eq<events::payload, RawJson<'a>>,
     diesel::dsl::Eq<events::headers, RawJson<'a>>,
-    diesel::dsl::Eq<events::available_at, available_or_now<Option<DateTime<Utc>>, diesel::dsl::now>>,
+    diesel::dsl::Eq<
+        events::available_at,
+        available_or_now<Option<DateTime<Utc>>, diesel::dsl::now>,
+    >,
 );
 
 fn event_values(event: &ValidEvent) -> EventValues<'_> {
