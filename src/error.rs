@@ -71,6 +71,36 @@ pub enum Error {
     #[error("could not connect to the database")]
     Connect(#[from] diesel::ConnectionError),
 
+    /// No connection could be taken from the pool in time (the database is
+    /// down, or the pool is exhausted).
+    #[error("could not get a database connection from the pool")]
+    Pool(#[from] diesel::r2d2::PoolError),
+
+    /// A relay setting is impossible (zero workers, a cap below the base
+    /// delay, a malformed topic pattern …). Nothing was started.
+    #[error("invalid relay configuration: {field} {reason}")]
+    Config {
+        /// The builder setting at fault, e.g. `workers` or `backoff.cap`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// [`Relay::shutdown`](crate::Relay::shutdown) reached its deadline
+    /// before every thread finished. The remaining threads finish their
+    /// current delivery and exit on their own; events they hold come due
+    /// again when their lease expires.
+    #[error("relay threads still running after the shutdown deadline: {threads}")]
+    ShutdownTimeout {
+        /// Names of the threads that had not finished.
+        threads: String,
+    },
+
+    /// The NOTIFY listener lost or could not open its connection. The relay
+    /// keeps delivering by polling and reconnects the listener with backoff.
+    #[error("notification listener failed: {0}")]
+    Listener(String),
+
     /// A query failed: the database is unreachable, the connection broke, the
     /// schema is not migrated, or a constraint rejected a row.
     #[error("database error")]

@@ -58,19 +58,27 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backoff;
 mod error;
 mod event;
 mod migrate;
 mod new_event;
+mod observe;
 mod queue;
+mod relay;
+mod sink;
 mod store;
 mod transaction;
 
+pub use backoff::Backoff;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, Headers, StoredEvent};
 pub use migrate::migrate;
 pub use new_event::{validate_topic, NewEvent, MAX_TOPIC_LEN};
+pub use observe::{NoopObserver, Observer, RelayStats};
 pub use queue::queued_events;
+pub use relay::{PgPool, Relay, RelayBuilder, TopicPattern};
+pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
 pub use transaction::{transaction, Tx};
 
 /// The channel the `outbox.events` insert trigger notifies (with an empty

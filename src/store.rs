@@ -238,3 +238,251 @@ diesel::define_sql_function! {
         is_local: diesel::sql_types::Bool,
     ) -> diesel::sql_types::Text;
 }
+
+/// A claimed batch: its fencing token and its events.
+pub(crate) struct Claimed {
+    pub(crate) token: i64,
+    pub(crate) rows: Vec<StoredRow>,
+}
+
+/// Which topics a claim may take: everything, or exact names and prefixes.
+pub(crate) struct TopicFilter<'a> {
+    pub(crate) all: bool,
+    pub(crate) exact: &'a [String],
+    /// `LIKE` patterns (`order.%`), with `%`, `_` and `\` in the prefix escaped.
+    pub(crate) like: &'a [String],
+}
+
+#[derive(QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    token: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    topic: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    key: Option<String>,
+    #[diesel(sql_type = Jsonb)]
+    payload: serde_json::Value,
+    #[diesel(sql_type = Jsonb)]
+    headers: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    available_at: DateTime<Utc>,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    last_error: Option<String>,
+}
+
+/// Claims up to `limit` due events for `lease`, in one statement.
+///
+/// - Reads `events_available_at_idx` from the oldest due event: due events
+///   are a prefix of it, and a held event sits at its lease expiry, so the
+///   scan reads O(batch) entries (plus events of topics this relay does not
+///   route, which it skips).
+/// - Per-key order: a keyed event is taken only when no earlier event of its
+///   key is still queued (pending, held or waiting for a retry); one probe
+///   of `events_key_idx`. A batch therefore holds at most one event per key.
+/// - `FOR UPDATE SKIP LOCKED`: concurrent relays take disjoint batches and
+///   never wait for each other.
+/// - The whole batch gets one fencing token from `outbox.claim_tokens`;
+///   `available_at` becomes the lease expiry, so a dead relay's events come
+///   due again by themselves.
+pub(crate) fn claim(
+    conn: &mut PgConnection,
+    relay: &str,
+    limit: i64,
+    lease: std::time::Duration,
+    topics: &TopicFilter<'_>,
+) -> QueryResult<Claimed> {
+    use diesel::sql_types::{Array, BigInt, Bool, Text};
+    let rows: Vec<ClaimedRow> = diesel::sql_query(
+        "WITH token AS (
+             SELECT nextval('outbox.claim_tokens') AS value
+         ), claimable AS (
+             SELECT e.id
+               FROM outbox.events e
+              WHERE e.available_at <= now()
+                AND ($3 OR e.topic = ANY($4) OR e.topic LIKE ANY($5))
+                AND (e.key IS NULL OR NOT EXISTS (
+                        SELECT FROM outbox.events earlier
+                         WHERE earlier.key = e.key
+                           AND earlier.id < e.id))
+              ORDER BY e.available_at, e.id
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED
+         )
+         UPDATE outbox.events e
+            SET attempts = e.attempts + 1,
+                claimed_by = $2,
+                claim_token = token.value,
+                available_at = now() + $6 * interval '1 microsecond'
+           FROM claimable, token
+          WHERE e.id = claimable.id
+      RETURNING token.value AS token, e.id, e.topic, e.key, e.payload, e.headers,
+                e.created_at, e.available_at, e.attempts, e.last_error",
+    )
+    .bind::<BigInt, _>(limit)
+    .bind::<Text, _>(relay)
+    .bind::<Bool, _>(topics.all)
+    .bind::<Array<Text>, _>(topics.exact)
+    .bind::<Array<Text>, _>(topics.like)
+    .bind::<BigInt, _>(micros(lease))
+    .load(conn)?;
+    let token = rows.first().map_or(0, |r| r.token);
+    let mut rows: Vec<StoredRow> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.id,
+                r.topic,
+                r.key,
+                r.payload,
+                r.headers,
+                r.created_at,
+                r.available_at,
+                r.attempts,
+                r.last_error,
+            )
+        })
+        .collect();
+    rows.sort_unstable_by_key(|r| r.0);
+    Ok(Claimed { token, rows })
+}
+
+/// What became of one claimed event, for [`settle`].
+#[derive(Clone, Debug)]
+pub(crate) enum Verdict {
+    /// Acknowledged by its sink: delete it.
+    Delivered,
+    /// Failed: due again after the delay, with the error kept.
+    Retry {
+        delay: std::time::Duration,
+        error: String,
+    },
+    /// Never attempted (shutdown): back to the queue, the attempt undone.
+    Release,
+    /// Permanent failure or attempts exhausted: move to the dead letters.
+    Dead { error: String },
+}
+
+#[derive(QueryableByName)]
+struct SettledId {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+}
+
+/// Settles a batch in one statement and one round trip: deletes the
+/// delivered, reschedules retries, releases untried events, and moves dead
+/// ones to `outbox.dead_letters` in the same transaction that deletes them.
+///
+/// Fencing: every branch requires `claim_token = token`, so a relay whose
+/// lease expired (and whose events another relay now holds) changes
+/// nothing. Returns the ids actually settled; the others were lost.
+pub(crate) fn settle(
+    conn: &mut PgConnection,
+    token: i64,
+    verdicts: &[(EventId, Verdict)],
+) -> QueryResult<Vec<EventId>> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    let mut ids = Vec::with_capacity(verdicts.len());
+    let mut kinds = Vec::with_capacity(verdicts.len());
+    let mut delays = Vec::with_capacity(verdicts.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(verdicts.len());
+    for (id, verdict) in verdicts {
+        ids.push(id.0);
+        let (kind, delay, error) = match verdict {
+            Verdict::Delivered => ("delivered", 0, None),
+            Verdict::Retry { delay, error } => ("retry", micros(*delay), Some(error.as_str())),
+            Verdict::Release => ("release", 0, None),
+            Verdict::Dead { error } => ("dead", 0, Some(error.as_str())),
+        };
+        kinds.push(kind);
+        delays.push(delay);
+        errors.push(error);
+    }
+    let settled: Vec<SettledId> = diesel::sql_query(
+        "WITH outcome AS (
+             SELECT *
+               FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[])
+                 AS o(id, verdict, delay_us, error)
+         ), delivered AS (
+             DELETE FROM outbox.events e
+              USING outcome o
+              WHERE e.id = o.id AND o.verdict = 'delivered' AND e.claim_token = $1
+          RETURNING e.id
+         ), retried AS (
+             UPDATE outbox.events e
+                SET available_at = now() + o.delay_us * interval '1 microsecond',
+                    last_error = o.error,
+                    claim_token = NULL
+               FROM outcome o
+              WHERE e.id = o.id AND o.verdict = 'retry' AND e.claim_token = $1
+          RETURNING e.id
+         ), released AS (
+             UPDATE outbox.events e
+                SET available_at = now(),
+                    attempts = greatest(e.attempts - 1, 0),
+                    claim_token = NULL
+               FROM outcome o
+              WHERE e.id = o.id AND o.verdict = 'release' AND e.claim_token = $1
+          RETURNING e.id
+         ), died AS (
+             DELETE FROM outbox.events e
+              USING outcome o
+              WHERE e.id = o.id AND o.verdict = 'dead' AND e.claim_token = $1
+          RETURNING e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
+                    e.attempts, o.error
+         ), buried AS (
+             INSERT INTO outbox.dead_letters
+                    (id, topic, key, payload, headers, created_at, attempts, last_error)
+             SELECT * FROM died
+                 ON CONFLICT (id) DO UPDATE
+                SET topic = excluded.topic, key = excluded.key,
+                    payload = excluded.payload, headers = excluded.headers,
+                    created_at = excluded.created_at, attempts = excluded.attempts,
+                    last_error = excluded.last_error, failed_at = now()
+          RETURNING id
+         )
+         SELECT id FROM delivered
+         UNION ALL SELECT id FROM retried
+         UNION ALL SELECT id FROM released
+         UNION ALL SELECT id FROM buried",
+    )
+    .bind::<BigInt, _>(token)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<BigInt>, _>(&delays)
+    .bind::<Array<diesel::sql_types::Nullable<Text>>, _>(&errors)
+    .load(conn)?;
+    Ok(settled.into_iter().map(|s| EventId(s.id)).collect())
+}
+
+/// Extends the lease of events still held under `token`, for deliveries
+/// that run long. Primary key lookups; fenced like [`settle`].
+pub(crate) fn extend_lease(
+    conn: &mut PgConnection,
+    token: i64,
+    ids: &[EventId],
+    lease: std::time::Duration,
+) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, BigInt};
+    let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    diesel::sql_query(
+        "UPDATE outbox.events
+            SET available_at = now() + $3 * interval '1 microsecond'
+          WHERE id = ANY($2)
+            AND claim_token = $1",
+    )
+    .bind::<BigInt, _>(token)
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<BigInt, _>(micros(lease))
+    .execute(conn)
+}
+
+fn micros(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}

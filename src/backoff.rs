@@ -1,0 +1,206 @@
+//! Retry timing: jittered exponential backoff, as a pure function of the
+//! attempt number and a random source.
+
+use std::time::Duration;
+
+use rand::{Rng, RngExt};
+
+/// Jittered exponential backoff: the delay before retrying after failed
+/// attempt `n` is `base × factor^(n-1)`, capped at `cap`, then shortened by
+/// a random fraction of up to `jitter`.
+///
+/// ```
+/// use std::time::Duration;
+/// use rand::SeedableRng;
+///
+/// let backoff = outbox::Backoff::default();
+/// let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+/// let first = backoff.delay(1, &mut rng);
+/// assert!(first <= Duration::from_secs(1) && first >= Duration::from_millis(800));
+/// assert!(backoff.delay(100, &mut rng) <= backoff.cap());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    factor: f64,
+    jitter: f64,
+}
+
+impl Backoff {
+    /// Default delay after the first failure: 1 s.
+    pub const DEFAULT_BASE: Duration = Duration::from_secs(1);
+    /// Default longest delay: 5 minutes.
+    pub const DEFAULT_CAP: Duration = Duration::from_secs(300);
+    /// Default growth per attempt: doubling.
+    pub const DEFAULT_FACTOR: f64 = 2.0;
+    /// Default jitter: delays are shortened by up to 20%.
+    pub const DEFAULT_JITTER: f64 = 0.2;
+
+    /// A backoff schedule. Checked when the relay starts: `base` > 0,
+    /// `cap` ≥ `base`, `factor` ≥ 1 and finite, `jitter` in `0.0..=1.0`.
+    pub fn new(base: Duration, cap: Duration, factor: f64, jitter: f64) -> Self {
+        Backoff {
+            base,
+            cap,
+            factor,
+            jitter,
+        }
+    }
+
+    /// The delay after the first failure.
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The longest delay, jitter included.
+    pub fn cap(&self) -> Duration {
+        self.cap
+    }
+
+    /// How much each further failure multiplies the delay.
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+
+    /// The largest fraction by which jitter shortens a delay.
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// The delay before the next attempt, after failed attempt `attempt`
+    /// (1 for the first). Always within `[d × (1 − jitter), d]` where
+    /// `d = min(cap, base × factor^(attempt−1))`, so never above `cap`.
+    pub fn delay<R: Rng + ?Sized>(&self, attempt: u32, rng: &mut R) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(1_000) as i32;
+        // Cap before jitter: the exponential overflows to infinity quickly,
+        // and a capped value keeps jitter meaningful at the ceiling (all
+        // late retries would otherwise land at exactly `cap`, in lockstep).
+        let ceiling =
+            (self.base.as_secs_f64() * self.factor.powi(exponent)).min(self.cap.as_secs_f64());
+        // Jitter only shortens, so the cap also holds after it.
+        let shortened = ceiling * (1.0 - self.jitter * rng.random::<f64>());
+        Duration::try_from_secs_f64(shortened)
+            .unwrap_or(self.cap)
+            .min(self.cap)
+    }
+
+    /// Checks the settings; the relay builder reports the first problem.
+    pub(crate) fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.base.is_zero() {
+            return Err(("backoff.base", "must be greater than zero".into()));
+        }
+        if self.cap < self.base {
+            return Err((
+                "backoff.cap",
+                format!(
+                    "{:?} is shorter than backoff.base {:?}",
+                    self.cap, self.base
+                ),
+            ));
+        }
+        if !self.factor.is_finite() || self.factor < 1.0 {
+            return Err((
+                "backoff.factor",
+                format!("{} must be finite and at least 1", self.factor),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err((
+                "backoff.jitter",
+                format!("{} must be between 0 and 1", self.jitter),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(
+            Self::DEFAULT_BASE,
+            Self::DEFAULT_CAP,
+            Self::DEFAULT_FACTOR,
+            Self::DEFAULT_JITTER,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(42)
+    }
+
+    #[test]
+    fn without_jitter_the_delay_doubles_until_the_cap() {
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10), 2.0, 0.0);
+        let delays: Vec<u64> = (1..=6)
+            .map(|n| backoff.delay(n, &mut rng()).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+    }
+
+    #[test]
+    fn jitter_shortens_within_its_fraction_and_varies() {
+        let backoff = Backoff::new(Duration::from_secs(8), Duration::from_secs(60), 2.0, 0.5);
+        let mut rng = rng();
+        let delays: Vec<Duration> = (0..200).map(|_| backoff.delay(1, &mut rng)).collect();
+        assert!(delays
+            .iter()
+            .all(|d| *d >= Duration::from_secs(4) && *d <= Duration::from_secs(8)));
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(
+            distinct.len() > 150,
+            "jitter barely varies: {}",
+            distinct.len()
+        );
+    }
+
+    #[test]
+    fn a_seeded_rng_gives_a_reproducible_schedule() {
+        let backoff = Backoff::default();
+        let a: Vec<Duration> = (1..=10).map(|n| backoff.delay(n, &mut rng())).collect();
+        let b: Vec<Duration> = (1..=10).map(|n| backoff.delay(n, &mut rng())).collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn huge_attempt_numbers_stay_at_the_cap() {
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_secs(3), 10.0, 0.0);
+        assert_eq!(backoff.delay(u32::MAX, &mut rng()), Duration::from_secs(3));
+        assert_eq!(backoff.delay(0, &mut rng()), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn impossible_settings_name_their_field() {
+        let s = Duration::from_secs(1);
+        assert_eq!(
+            Backoff::new(Duration::ZERO, s, 2.0, 0.1)
+                .check()
+                .unwrap_err()
+                .0,
+            "backoff.base"
+        );
+        assert_eq!(
+            Backoff::new(s * 2, s, 2.0, 0.1).check().unwrap_err().0,
+            "backoff.cap"
+        );
+        assert_eq!(
+            Backoff::new(s, s, 0.5, 0.1).check().unwrap_err().0,
+            "backoff.factor"
+        );
+        assert_eq!(
+            Backoff::new(s, s, f64::NAN, 0.1).check().unwrap_err().0,
+            "backoff.factor"
+        );
+        assert_eq!(
+            Backoff::new(s, s, 2.0, 1.5).check().unwrap_err().0,
+            "backoff.jitter"
+        );
+        assert!(Backoff::default().check().is_ok());
+    }
+}

@@ -1,0 +1,323 @@
+//! [`RelayBuilder`]: the relay's settings, their defaults and their limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
+use serde::de::DeserializeOwned;
+
+use super::routing::{Routes, TopicPattern};
+use super::worker::Worker;
+use super::{listener, Config, PgPool, Relay, Shared};
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::event::{Event, StoredEvent};
+use crate::observe::{NoopObserver, Observer};
+use crate::sink::{DeliveryError, Handler, Sink};
+
+/// Configures and starts a [`Relay`]. Every setting has a default; `start`
+/// checks them all and names the first impossible one in
+/// [`Error::Config`].
+pub struct RelayBuilder {
+    pool: PgPool,
+    listen_url: Option<String>,
+    routes: Routes,
+    route_error: Option<Error>,
+    name: Option<String>,
+    workers: usize,
+    batch_size: u32,
+    poll_interval: Duration,
+    lease: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    observer: Arc<dyn Observer>,
+}
+
+impl RelayBuilder {
+    /// Default number of worker threads.
+    pub const DEFAULT_WORKERS: usize = 4;
+    /// Default number of events claimed per round.
+    pub const DEFAULT_BATCH_SIZE: u32 = 100;
+    /// Default interval of the fallback poll.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// Default lease on claimed events.
+    pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(30);
+    /// Default number of attempts before an event is dead-lettered.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 25;
+
+    /// Most worker threads one relay may run.
+    pub const MAX_WORKERS: usize = 256;
+    /// Largest batch one claim may take.
+    pub const MAX_BATCH_SIZE: u32 = 10_000;
+    /// Shortest lease: a claim must outlive at least one round trip.
+    pub const MIN_LEASE_DURATION: Duration = Duration::from_millis(100);
+
+    pub(super) fn new(pool: PgPool) -> Self {
+        RelayBuilder {
+            pool,
+            listen_url: None,
+            routes: Routes::default(),
+            route_error: None,
+            name: None,
+            workers: Self::DEFAULT_WORKERS,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            lease: Self::DEFAULT_LEASE_DURATION,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            backoff: Backoff::default(),
+            observer: Arc::new(NoopObserver),
+        }
+    }
+
+    /// Wakes the relay through `LISTEN outbox_events` on a dedicated
+    /// connection to `database_url` (normally the pool's URL), so a
+    /// committed event is picked up within milliseconds. Without it the
+    /// relay only polls, every `poll_interval`. Defaults to no listener.
+    pub fn listen(mut self, database_url: impl Into<String>) -> Self {
+        self.listen_url = Some(database_url.into());
+        self
+    }
+
+    /// Delivers topics matching `pattern` (`order.approved`, `order.*` or
+    /// `*`) to `sink`; the most specific pattern wins. A relay claims only
+    /// the topics it routes: events of other topics stay queued for a relay
+    /// that routes them. Defaults to no routes (and `start` requires one).
+    pub fn route(mut self, pattern: &str, sink: impl Sink) -> Self {
+        let added = TopicPattern::parse(pattern).and_then(|p| self.routes.add(p, Arc::new(sink)));
+        if let Err(error) = added {
+            self.route_error.get_or_insert(error);
+        }
+        self
+    }
+
+    /// Delivers events of type `E` (topic `E::TOPIC`) to a typed handler
+    /// that receives the decoded event and the stored event (id, attempt,
+    /// headers). A payload that no longer decodes into `E` is a permanent
+    /// failure carrying serde's message.
+    pub fn handle<E, F>(self, handler: F) -> Self
+    where
+        E: Event + DeserializeOwned + 'static,
+        F: Fn(E, &StoredEvent) -> Result<(), DeliveryError> + Send + Sync + 'static,
+    {
+        self.route(E::TOPIC, Handler::<E, F>::new(handler))
+    }
+
+    /// The name recorded in `claimed_by` and in logs. Defaults to
+    /// `relay-<pid>-<random>`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Worker threads, each delivering one batch at a time (1 to
+    /// [`Self::MAX_WORKERS`]). Workers hold a pooled connection only while
+    /// claiming and settling. Defaults to [`Self::DEFAULT_WORKERS`] (4).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Events claimed per round (1 to [`Self::MAX_BATCH_SIZE`]). Larger batches
+    /// cost fewer round trips; a batch must be delivered within the lease.
+    /// Defaults to [`Self::DEFAULT_BATCH_SIZE`] (100).
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// How often an idle worker looks for due events without being woken:
+    /// the fallback for missed notifications, and what finds retries and
+    /// delayed events when they come due. Must be > 0. Defaults to
+    /// [`Self::DEFAULT_POLL_INTERVAL`] (1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How long a claim holds an event. If the relay dies, the event comes
+    /// due again this long after it was claimed; a worker renews the lease
+    /// of its remaining events between deliveries when half of it has gone,
+    /// but cannot interrupt one sink call, so keep every call shorter.
+    /// At least [`Self::MIN_LEASE_DURATION`]. Defaults to
+    /// [`Self::DEFAULT_LEASE_DURATION`] (30 s).
+    pub fn lease_duration(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Attempts before a failing event is dead-lettered (at least 1).
+    /// Defaults to [`Self::DEFAULT_MAX_ATTEMPTS`] (25: with the default backoff,
+    /// about 1 h 45 min of retrying).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The retry schedule. Defaults to [`Backoff::default`] (1 s doubling
+    /// to a 5 min cap, 20% jitter).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Hooks for metrics, logs and tests. Defaults to [`NoopObserver`].
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Arc::new(observer);
+        self
+    }
+
+    /// Checks the settings and starts the threads. Does not touch the
+    /// database: a relay started while the database is down delivers once
+    /// it is back.
+    pub fn start(self) -> Result<Relay, Error> {
+        let config = self.check()?;
+        let name = self.name.unwrap_or_else(default_name);
+        if name.is_empty() || name.contains('\0') {
+            return config_error("name", "must be non-empty and free of NUL characters");
+        }
+        if self.listen_url.is_none() {
+            tracing::warn!(relay = %name, "no listener configured (RelayBuilder::listen): delivering by polling only");
+        }
+        let filter = self.routes.claim_filter();
+        let shared = Arc::new(Shared {
+            name,
+            pool: self.pool,
+            config,
+            routes: self.routes,
+            filter,
+            observer: self.observer,
+            counters: Default::default(),
+        });
+        let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
+        let (finished_tx, finished_rx) = bounded::<()>(0);
+        // One pending wake-up at most: a burst of notifications becomes one
+        // claim round.
+        let (wake_tx, wake_rx) = bounded::<()>(1);
+        let mut threads = Vec::new();
+        let spawn = |name: String, body: Box<dyn FnOnce() + Send>| {
+            let finished = finished_tx.clone();
+            std::thread::Builder::new().name(name).spawn(move || {
+                let _finished = finished;
+                body();
+            })
+        };
+        let io_error = |e: std::io::Error| Error::Config {
+            field: "workers",
+            reason: format!("could not spawn a thread: {e}"),
+        };
+        if let Some(url) = self.listen_url {
+            let (shared, wake, shutdown) = (shared.clone(), wake_tx.clone(), shutdown_rx.clone());
+            threads.push(
+                spawn(
+                    "outbox-listener".into(),
+                    Box::new(move || listener::run(shared, url, wake, shutdown)),
+                )
+                .map_err(io_error)?,
+            );
+        }
+        for index in 0..shared.config.workers {
+            let worker = Worker {
+                shared: shared.clone(),
+                wake_rx: wake_rx.clone(),
+                wake_tx: wake_tx.clone(),
+                shutdown: shutdown_rx.clone(),
+            };
+            threads.push(
+                spawn(
+                    format!("outbox-worker-{index}"),
+                    Box::new(move || worker.run()),
+                )
+                .map_err(io_error)?,
+            );
+        }
+        tracing::info!(
+            relay = %shared.name,
+            routes = ?shared.routes.patterns(),
+            workers = shared.config.workers,
+            batch_size = shared.config.batch_size,
+            "relay started"
+        );
+        Ok(Relay {
+            shared,
+            shutdown: Some(shutdown_tx),
+            finished: finished_rx,
+            threads,
+        })
+    }
+
+    fn check(&self) -> Result<Config, Error> {
+        if let Some(error) = &self.route_error {
+            return Err(Error::Config {
+                field: "route",
+                reason: match error {
+                    Error::Config { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                },
+            });
+        }
+        if self.routes.is_empty() {
+            return config_error(
+                "route",
+                "is missing: add .route(pattern, sink) or .handle(handler)",
+            );
+        }
+        if !(1..=Self::MAX_WORKERS).contains(&self.workers) {
+            return config_error(
+                "workers",
+                format!(
+                    "{} is not between 1 and {}",
+                    self.workers,
+                    Self::MAX_WORKERS
+                ),
+            );
+        }
+        if !(1..=Self::MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return config_error(
+                "batch_size",
+                format!(
+                    "{} is not between 1 and {}",
+                    self.batch_size,
+                    Self::MAX_BATCH_SIZE
+                ),
+            );
+        }
+        if self.poll_interval.is_zero() {
+            return config_error("poll_interval", "must be greater than zero");
+        }
+        if self.lease < Self::MIN_LEASE_DURATION {
+            return config_error(
+                "lease_duration",
+                format!(
+                    "{:?} is shorter than {:?}",
+                    self.lease,
+                    Self::MIN_LEASE_DURATION
+                ),
+            );
+        }
+        if self.max_attempts == 0 {
+            return config_error("max_attempts", "must be at least 1");
+        }
+        self.backoff
+            .check()
+            .map_err(|(field, reason)| Error::Config { field, reason })?;
+        Ok(Config {
+            workers: self.workers,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            lease: self.lease,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+        })
+    }
+}
+
+fn config_error<T>(field: &'static str, reason: impl Into<String>) -> Result<T, Error> {
+    Err(Error::Config {
+        field,
+        reason: reason.into(),
+    })
+}
+
+fn default_name() -> String {
+    format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}

@@ -1,0 +1,232 @@
+//! Routing: which sink receives which topic.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{excerpt, Error};
+use crate::new_event::validate_topic;
+use crate::sink::Sink;
+
+/// Which topics a route takes: `order.approved` (exactly that topic),
+/// `order.*` (every topic starting with `order.`), or `*` (every topic).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TopicPattern {
+    /// Exactly this topic.
+    Exact(String),
+    /// Every topic starting with this prefix (written `prefix*`).
+    Prefix(String),
+    /// Every topic.
+    All,
+}
+
+impl TopicPattern {
+    /// Parses a pattern: a topic, a prefix followed by `*`, or `*` alone.
+    /// A `*` anywhere else, or an invalid topic, is an [`Error::Config`].
+    pub fn parse(pattern: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::Config {
+            field: "route",
+            reason: format!("pattern {:?}: {reason}", excerpt(pattern)),
+        };
+        if pattern == "*" {
+            return Ok(TopicPattern::All);
+        }
+        let (body, prefix) = match pattern.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (pattern, false),
+        };
+        if body.contains('*') {
+            return Err(invalid("`*` is only allowed at the end".into()));
+        }
+        validate_topic(body).map_err(|e| invalid(e.to_string()))?;
+        Ok(if prefix {
+            TopicPattern::Prefix(body.to_owned())
+        } else {
+            TopicPattern::Exact(body.to_owned())
+        })
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            TopicPattern::Exact(exact) => topic == exact,
+            TopicPattern::Prefix(prefix) => topic.starts_with(prefix.as_str()),
+            TopicPattern::All => true,
+        }
+    }
+
+    /// How specific the pattern is: exact beats any prefix, a longer prefix
+    /// beats a shorter one, `*` comes last.
+    fn specificity(&self) -> (u8, usize) {
+        match self {
+            TopicPattern::Exact(_) => (2, 0),
+            TopicPattern::Prefix(prefix) => (1, prefix.len()),
+            TopicPattern::All => (0, 0),
+        }
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TopicPattern::Exact(topic) => f.write_str(topic),
+            TopicPattern::Prefix(prefix) => write!(f, "{prefix}*"),
+            TopicPattern::All => f.write_str("*"),
+        }
+    }
+}
+
+/// The routing table of one relay: the most specific pattern wins.
+#[derive(Clone, Default)]
+pub(crate) struct Routes {
+    routes: Vec<(TopicPattern, Arc<dyn Sink>)>,
+}
+
+impl Routes {
+    /// Adds a route; a second route for the same pattern is a config error.
+    pub(crate) fn add(&mut self, pattern: TopicPattern, sink: Arc<dyn Sink>) -> Result<(), Error> {
+        if self.routes.iter().any(|(p, _)| *p == pattern) {
+            return Err(Error::Config {
+                field: "route",
+                reason: format!("pattern {pattern} is routed twice"),
+            });
+        }
+        self.routes.push((pattern, sink));
+        self.routes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.specificity()));
+        Ok(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The sink for `topic`, if this relay routes it.
+    pub(crate) fn sink_for(&self, topic: &str) -> Option<&Arc<dyn Sink>> {
+        self.routes
+            .iter()
+            .find(|(pattern, _)| pattern.matches(topic))
+            .map(|(_, sink)| sink)
+    }
+
+    /// The claim filter: exact topics and `LIKE` prefixes, or everything.
+    pub(crate) fn claim_filter(&self) -> ClaimFilter {
+        let mut filter = ClaimFilter::default();
+        for (pattern, _) in &self.routes {
+            match pattern {
+                TopicPattern::All => filter.all = true,
+                TopicPattern::Exact(topic) => filter.exact.push(topic.clone()),
+                TopicPattern::Prefix(prefix) => {
+                    filter.like.push(format!("{}%", like_escape(prefix)))
+                }
+            }
+        }
+        filter
+    }
+
+    /// The patterns, most specific first (for logs).
+    pub(crate) fn patterns(&self) -> Vec<String> {
+        self.routes.iter().map(|(p, _)| p.to_string()).collect()
+    }
+}
+
+/// Owned claim filter built from the routes.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ClaimFilter {
+    pub(crate) all: bool,
+    pub(crate) exact: Vec<String>,
+    pub(crate) like: Vec<String>,
+}
+
+/// Escapes `LIKE` metacharacters (the default escape character is `\`).
+fn like_escape(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::DeliveryError;
+    use crate::StoredEvent;
+
+    fn sink(name: &'static str) -> Arc<dyn Sink> {
+        Arc::new(move |_: &StoredEvent| Err::<(), _>(DeliveryError::permanent(name)))
+    }
+
+    fn name_of(routes: &Routes, topic: &str) -> Option<String> {
+        let event = StoredEvent {
+            id: crate::EventId(1),
+            topic: topic.into(),
+            key: None,
+            payload: serde_json::Value::Null,
+            headers: Default::default(),
+            created_at: chrono::Utc::now(),
+            available_at: chrono::Utc::now(),
+            attempts: 1,
+            last_error: None,
+        };
+        routes
+            .sink_for(topic)
+            .map(|s| s.deliver(&event).unwrap_err().message().to_owned())
+    }
+
+    #[test]
+    fn the_most_specific_pattern_wins() {
+        let mut routes = Routes::default();
+        routes.add(TopicPattern::All, sink("all")).unwrap();
+        routes
+            .add(TopicPattern::parse("order.*").unwrap(), sink("orders"))
+            .unwrap();
+        routes
+            .add(TopicPattern::parse("order.ap*").unwrap(), sink("ap"))
+            .unwrap();
+        routes
+            .add(
+                TopicPattern::parse("order.approved").unwrap(),
+                sink("exact"),
+            )
+            .unwrap();
+        assert_eq!(name_of(&routes, "order.approved").as_deref(), Some("exact"));
+        assert_eq!(name_of(&routes, "order.apple").as_deref(), Some("ap"));
+        assert_eq!(name_of(&routes, "order.shipped").as_deref(), Some("orders"));
+        assert_eq!(name_of(&routes, "billing.x").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn unrouted_topics_have_no_sink() {
+        let mut routes = Routes::default();
+        routes
+            .add(TopicPattern::parse("order.*").unwrap(), sink("orders"))
+            .unwrap();
+        assert!(routes.sink_for("billing.paid").is_none());
+        assert!(routes.sink_for("order").is_none());
+    }
+
+    #[test]
+    fn bad_patterns_are_config_errors() {
+        for bad in ["", "a*b", "**", "order.\n*"] {
+            assert!(
+                matches!(
+                    TopicPattern::parse(bad),
+                    Err(Error::Config { field: "route", .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn like_metacharacters_in_prefixes_are_escaped() {
+        let mut routes = Routes::default();
+        routes
+            .add(TopicPattern::parse("a_b%*").unwrap(), sink("x"))
+            .unwrap();
+        assert_eq!(routes.claim_filter().like, [r"a\_b\%%"]);
+    }
+}

@@ -1,0 +1,341 @@
+//! A worker thread: wait for a wake-up or the poll timer, then claim a
+//! batch, deliver it through the sinks, and settle it in one round trip.
+//! Repeat while batches come back full.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::Shared;
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::event::{EventId, StoredEvent};
+use crate::observe::Counters;
+use crate::sink::{DeliveryError, DeliveryErrorKind};
+use crate::store::{self, Verdict};
+
+pub(super) struct Worker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) wake_rx: Receiver<()>,
+    pub(super) wake_tx: Sender<()>,
+    pub(super) shutdown: Receiver<()>,
+}
+
+/// What a round found, to decide whether to go again at once.
+enum Round {
+    /// A full batch: more is probably waiting.
+    Full,
+    /// Less than a batch, or nothing: wait for a wake-up or the poll.
+    Drained,
+}
+
+impl Worker {
+    pub(super) fn run(self) {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
+        let mut failures: u32 = 0;
+        loop {
+            if self.stopping() {
+                return;
+            }
+            match self.round(&mut rng) {
+                Ok(round) => {
+                    if failures > 0 {
+                        failures = 0;
+                        Counters::add(&self.shared.counters.reconnects, 1);
+                        self.shared.observer.on_reconnect("worker");
+                        tracing::info!(relay = %self.shared.name, "database reachable again");
+                    }
+                    if let Round::Full = round {
+                        continue;
+                    }
+                    select! {
+                        recv(self.wake_rx) -> _ => {}
+                        recv(self.shutdown) -> _ => return,
+                        default(self.shared.config.poll_interval) => {}
+                    }
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    Counters::add(&self.shared.counters.errors, 1);
+                    tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "claiming or settling failed; retrying");
+                    self.shared.observer.on_error(&error);
+                    select! {
+                        recv(self.shutdown) -> _ => return,
+                        default(reconnect.delay(failures, &mut rng)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        matches!(self.shutdown.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Claims, delivers and settles one batch.
+    fn round(&self, rng: &mut StdRng) -> Result<Round, Error> {
+        let shared = &*self.shared;
+        let config = &shared.config;
+        let claimed = {
+            let mut conn = shared.pool.get()?;
+            store::claim(
+                &mut conn,
+                &shared.name,
+                i64::from(config.batch_size),
+                config.lease,
+                &store::TopicFilter {
+                    all: shared.filter.all,
+                    exact: &shared.filter.exact,
+                    like: &shared.filter.like,
+                },
+            )?
+        };
+        if claimed.rows.is_empty() {
+            return Ok(Round::Drained);
+        }
+        let full = claimed.rows.len() == config.batch_size as usize;
+        if full {
+            // More is waiting: pass the wake-up on to an idle worker.
+            let _ = self.wake_tx.try_send(());
+        }
+        Counters::add(&shared.counters.claimed, claimed.rows.len());
+        let mut events = Vec::with_capacity(claimed.rows.len());
+        let mut outcomes = Vec::with_capacity(claimed.rows.len());
+        for row in claimed.rows {
+            let id = EventId(row.0);
+            match store::stored_event(row) {
+                Ok(event) => events.push(event),
+                // Only a schema mismatch gets here (headers not a string map).
+                Err(error) => outcomes.push(Outcome::dead(
+                    id,
+                    format!("unreadable event: {}", error_chain(&error)),
+                )),
+            }
+        }
+        shared.observer.on_claimed(&events);
+
+        let mut lease_renewed = Instant::now();
+        for (index, event) in events.iter().enumerate() {
+            if self.stopping() {
+                outcomes.extend(events[index..].iter().map(|e| Outcome::release(e.id)));
+                break;
+            }
+            if lease_renewed.elapsed() > config.lease / 2 {
+                self.extend_lease(claimed.token, &events[index..]);
+                lease_renewed = Instant::now();
+            }
+            outcomes.push(self.deliver(event, rng));
+        }
+        self.settle(claimed.token, &events, outcomes)?;
+        Ok(if full { Round::Full } else { Round::Drained })
+    }
+
+    fn deliver(&self, event: &StoredEvent, rng: &mut StdRng) -> Outcome {
+        let shared = &*self.shared;
+        let Some(sink) = shared.routes.sink_for(&event.topic) else {
+            // Claims only take routed topics; never deliver what we cannot.
+            return Outcome::release(event.id);
+        };
+        let result =
+            panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(event))).unwrap_or_else(|panic| {
+                Err(DeliveryError::transient(format!(
+                    "sink panicked: {}",
+                    panic_message(&panic)
+                )))
+            });
+        let error = match result {
+            Ok(()) => {
+                return Outcome {
+                    id: event.id,
+                    verdict: Verdict::Delivered,
+                    error: None,
+                }
+            }
+            Err(error) => error,
+        };
+        let attempts = u32::try_from(event.attempts).unwrap_or(0);
+        let config = &shared.config;
+        let verdict = match error.kind() {
+            DeliveryErrorKind::Permanent => Verdict::Dead {
+                error: format!("permanent failure: {}", error.message()),
+            },
+            _ if attempts >= config.max_attempts => Verdict::Dead {
+                error: format!("gave up after {attempts} attempts: {}", error.message()),
+            },
+            DeliveryErrorKind::RetryAfter(delay) => Verdict::Retry {
+                delay: delay.min(config.backoff.cap()),
+                error: error.message().to_owned(),
+            },
+            DeliveryErrorKind::Transient => Verdict::Retry {
+                delay: config.backoff.delay(attempts, rng),
+                error: error.message().to_owned(),
+            },
+        };
+        Outcome {
+            id: event.id,
+            verdict,
+            error: Some(error),
+        }
+    }
+
+    /// Renews the lease of the events not yet delivered. Best effort: if it
+    /// fails the lease may run out, and the settle's fencing keeps that safe.
+    fn extend_lease(&self, token: i64, remaining: &[StoredEvent]) {
+        let ids: Vec<EventId> = remaining.iter().map(|e| e.id).collect();
+        let extended = self
+            .shared
+            .pool
+            .get()
+            .map_err(Error::from)
+            .and_then(|mut conn| {
+                Ok(store::extend_lease(
+                    &mut conn,
+                    token,
+                    &ids,
+                    self.shared.config.lease,
+                )?)
+            });
+        if let Err(error) = extended {
+            tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "extending a lease failed");
+        }
+    }
+
+    /// Records the outcomes in one round trip, retrying a failed settle
+    /// while the lease lasts: deliveries already happened, and giving up
+    /// would only make them come due again (duplicates).
+    fn settle(
+        &self,
+        token: i64,
+        events: &[StoredEvent],
+        outcomes: Vec<Outcome>,
+    ) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let verdicts: Vec<(EventId, Verdict)> =
+            outcomes.iter().map(|o| (o.id, o.verdict.clone())).collect();
+        let deadline = Instant::now() + shared.config.lease;
+        let mut tries: u32 = 0;
+        let settled = loop {
+            let attempt = shared
+                .pool
+                .get()
+                .map_err(Error::from)
+                .and_then(|mut conn| Ok(store::settle(&mut conn, token, &verdicts)?));
+            match attempt {
+                Ok(settled) => break settled,
+                Err(error) if Instant::now() < deadline && !self.stopping() => {
+                    tries += 1;
+                    Counters::add(&shared.counters.errors, 1);
+                    tracing::warn!(relay = %shared.name, error = %error_chain(&error), "settling failed; retrying");
+                    shared.observer.on_error(&error);
+                    select! {
+                        recv(self.shutdown) -> _ => {}
+                        default(Duration::from_millis(50 * u64::from(tries.min(20)))) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        self.report(events, outcomes, &settled);
+        Ok(())
+    }
+
+    /// Counts and tells the observer what was committed.
+    fn report(&self, events: &[StoredEvent], outcomes: Vec<Outcome>, settled: &[EventId]) {
+        let shared = &*self.shared;
+        let counters = &shared.counters;
+        let settled: std::collections::HashSet<EventId> = settled.iter().copied().collect();
+        let mut lost = Vec::new();
+        let mut released = Vec::new();
+        for outcome in outcomes {
+            if !settled.contains(&outcome.id) {
+                lost.push(outcome.id);
+                continue;
+            }
+            let Some(event) = events.iter().find(|e| e.id == outcome.id) else {
+                Counters::add(&counters.dead_lettered, 1);
+                continue;
+            };
+            match &outcome.verdict {
+                Verdict::Delivered => {
+                    Counters::add(&counters.delivered, 1);
+                    shared.observer.on_delivered(event);
+                }
+                Verdict::Retry { delay, .. } => {
+                    Counters::add(&counters.retried, 1);
+                    let error = outcome
+                        .error
+                        .unwrap_or_else(|| DeliveryError::transient("unknown"));
+                    tracing::debug!(relay = %shared.name, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
+                    shared.observer.on_retry(event, &error, *delay);
+                }
+                Verdict::Release => released.push(event.id),
+                Verdict::Dead { error } => {
+                    Counters::add(&counters.dead_lettered, 1);
+                    tracing::warn!(relay = %shared.name, id = %event.id, topic = %event.topic, attempts = event.attempts, error = %error, "event dead-lettered");
+                    shared.observer.on_dead_lettered(event, error);
+                }
+            }
+        }
+        if !released.is_empty() {
+            Counters::add(&counters.released, released.len());
+            shared.observer.on_released(&released);
+        }
+        if !lost.is_empty() {
+            Counters::add(&counters.lease_lost, lost.len());
+            tracing::warn!(relay = %shared.name, events = ?lost, "lease lost before settling; another relay holds these events");
+            shared.observer.on_lease_lost(&lost);
+        }
+    }
+}
+
+/// One event's verdict, with the sink's error for the observer.
+struct Outcome {
+    id: EventId,
+    verdict: Verdict,
+    error: Option<DeliveryError>,
+}
+
+impl Outcome {
+    fn release(id: EventId) -> Self {
+        Outcome {
+            id,
+            verdict: Verdict::Release,
+            error: None,
+        }
+    }
+
+    fn dead(id: EventId, error: String) -> Self {
+        Outcome {
+            id,
+            verdict: Verdict::Dead { error },
+            error: None,
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// An error with its causes, on one line, for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,132 @@
+//! Where events go: the [`Sink`] trait and the verdict it returns.
+
+mod handler;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::event::StoredEvent;
+
+pub use handler::Handler;
+
+/// A destination for events: an HTTP endpoint, a broker, an in-process
+/// handler.
+///
+/// The contract:
+/// - **It may block.** Each relay worker calls its sinks one event at a
+///   time on its own thread and holds no database connection meanwhile. A
+///   call should finish well within the relay's lease duration (time out
+///   your own I/O below it): the relay extends the lease between events, but
+///   it cannot interrupt a call, and if the lease runs out another relay may
+///   deliver the same event again.
+/// - **It receives the stable event id** (`event.id`) to pass on for
+///   deduplication, and **the attempt number** (`event.attempts`, 1 for the
+///   first try).
+/// - **It decides the retry**, through its result: `Ok(())` means delivered
+///   (the event is deleted); [`DeliveryError::transient`] retries after the
+///   relay's backoff; [`DeliveryError::retry_after`] retries after the given
+///   delay (capped by the backoff cap); [`DeliveryError::permanent`] moves
+///   the event to the dead letters at once. Retries stop after the relay's
+///   `max_attempts`, and the event is dead-lettered with the last error.
+/// - **A panic is a transient failure**: the relay catches it and retries.
+/// - **Per-key order is the relay's job**: a sink never sees an event while
+///   an earlier event of the same key is undelivered.
+pub trait Sink: Send + Sync + 'static {
+    /// Delivers one event.
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError>;
+}
+
+impl<F> Sink for F
+where
+    F: Fn(&StoredEvent) -> Result<(), DeliveryError> + Send + Sync + 'static,
+{
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self(event)
+    }
+}
+
+/// Why a delivery failed, and what the relay should do about it.
+///
+/// `?` turns any error into a transient failure, so a handler can use it on
+/// I/O calls directly; say [`DeliveryError::permanent`] explicitly for
+/// failures that retrying cannot fix.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeliveryError {
+    kind: DeliveryErrorKind,
+    message: String,
+}
+
+/// What the relay does after a failed delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryErrorKind {
+    /// Retry after the relay's backoff.
+    Transient,
+    /// Retry after this delay (capped at the backoff cap).
+    RetryAfter(Duration),
+    /// Do not retry: move the event to the dead letters.
+    Permanent,
+}
+
+impl DeliveryError {
+    /// A failure worth retrying (timeouts, 5xx, a broker that is down).
+    pub fn transient(message: impl fmt::Display) -> Self {
+        Self::new(DeliveryErrorKind::Transient, message)
+    }
+
+    /// A failure worth retrying after `delay` (an HTTP `Retry-After`).
+    pub fn retry_after(delay: Duration, message: impl fmt::Display) -> Self {
+        Self::new(DeliveryErrorKind::RetryAfter(delay), message)
+    }
+
+    /// A failure that retrying cannot fix (a rejected payload, a 4xx): the
+    /// event goes to the dead letters with this message.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self::new(DeliveryErrorKind::Permanent, message)
+    }
+
+    fn new(kind: DeliveryErrorKind, message: impl fmt::Display) -> Self {
+        DeliveryError {
+            kind,
+            message: message.to_string(),
+        }
+    }
+
+    /// What the relay does about it.
+    pub fn kind(&self) -> DeliveryErrorKind {
+        self.kind
+    }
+
+    /// The message recorded as the event's `last_error`.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Debug for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Any error is a transient failure, with its whole source chain as the
+/// message. (`DeliveryError` itself is not a `std::error::Error`, which is
+/// what makes this blanket conversion possible.)
+impl<E: std::error::Error> From<E> for DeliveryError {
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        DeliveryError::transient(message)
+    }
+}
