@@ -1,0 +1,134 @@
+//! Every SQL statement of the crate, one function per query.
+//!
+//! Nothing outside this module writes SQL. Each query says which index it
+//! relies on and which locks it takes.
+
+mod migrations;
+mod publish;
+mod queue;
+mod relay;
+
+use std::io::Write;
+
+use diesel::pg::Pg;
+use diesel::serialize::{self, Output, ToSql};
+use diesel::sql_types::Jsonb;
+
+use crate::error::{Error, Result};
+use crate::event::{EventId, Headers, StoredEvent};
+
+pub(crate) use migrations::{create_schema, lock_migrations, search_path, set_local_search_path};
+pub(crate) use publish::{insert_event, insert_events};
+pub(crate) use queue::queued_events;
+pub(crate) use relay::{claim, extend_lease, settle, TopicFilter, Verdict};
+
+pub(crate) mod schema {
+    diesel::table! {
+        outbox.events (id) {
+            id -> Int8,
+            topic -> Text,
+            key -> Nullable<Text>,
+            payload -> Jsonb,
+            headers -> Jsonb,
+            created_at -> Timestamptz,
+            available_at -> Timestamptz,
+            attempts -> Int4,
+            last_error -> Nullable<Text>,
+            claimed_by -> Nullable<Text>,
+            claim_token -> Nullable<Int8>,
+        }
+    }
+
+    diesel::table! {
+        outbox.dead_letters (id) {
+            id -> Int8,
+            topic -> Text,
+            key -> Nullable<Text>,
+            payload -> Jsonb,
+            headers -> Jsonb,
+            created_at -> Timestamptz,
+            attempts -> Int4,
+            last_error -> Text,
+            failed_at -> Timestamptz,
+        }
+    }
+}
+
+use schema::events;
+
+/// JSON text that is already serialized, bound as `jsonb` without parsing it
+/// into a `serde_json::Value` and printing it again.
+#[derive(Debug, Clone, Copy, diesel::expression::AsExpression)]
+#[diesel(sql_type = Jsonb)]
+pub(crate) struct RawJson<'a>(pub(crate) &'a str);
+
+impl ToSql<Jsonb, Pg> for RawJson<'_> {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        // jsonb binary format: a version byte, then the JSON text.
+        out.write_all(&[1])?;
+        out.write_all(self.0.as_bytes())?;
+        Ok(serialize::IsNull::No)
+    }
+}
+
+/// The columns of a [`StoredEvent`], in `SELECT` order.
+pub(crate) type StoredColumns = (
+    events::id,
+    events::topic,
+    events::key,
+    events::payload,
+    events::headers,
+    events::created_at,
+    events::available_at,
+    events::attempts,
+    events::last_error,
+);
+
+pub(crate) const STORED_COLUMNS: StoredColumns = (
+    events::id,
+    events::topic,
+    events::key,
+    events::payload,
+    events::headers,
+    events::created_at,
+    events::available_at,
+    events::attempts,
+    events::last_error,
+);
+
+/// A row of [`STORED_COLUMNS`] as diesel reads it.
+pub(crate) type StoredRow = (
+    i64,
+    String,
+    Option<String>,
+    serde_json::Value,
+    serde_json::Value,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+    i32,
+    Option<String>,
+);
+
+/// Turns a row into a [`StoredEvent`]. Headers are a JSON object of strings
+/// (a table constraint), so the conversion fails only on a schema mismatch.
+pub(crate) fn stored_event(row: StoredRow) -> Result<StoredEvent> {
+    let (id, topic, key, payload, headers, created_at, available_at, attempts, last_error) = row;
+    let id = EventId(id);
+    let headers: Headers =
+        serde_json::from_value(headers).map_err(|source| Error::Decode { id, source })?;
+    Ok(StoredEvent {
+        id,
+        topic,
+        key,
+        payload,
+        headers,
+        created_at,
+        available_at,
+        attempts,
+        last_error,
+    })
+}
+
+fn micros(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
