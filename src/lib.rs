@@ -77,7 +77,7 @@ pub use migrate::migrate;
 pub use new_event::{validate_topic, NewEvent, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use queue::queued_events;
-pub use relay::{PgPool, Relay, RelayBuilder, TopicPattern};
+pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
 pub use transaction::{transaction, Tx};
 

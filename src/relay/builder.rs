@@ -239,7 +239,7 @@ impl RelayBuilder {
         );
         Ok(Relay {
             shared,
-            shutdown: Some(shutdown_tx),
+            stopper: super::Stopper::new(shutdown_tx),
             finished: finished_rx,
             threads,
         })

@@ -12,7 +12,7 @@ mod pq;
 mod routing;
 mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -88,8 +88,7 @@ pub(crate) struct Shared {
 /// ```
 pub struct Relay {
     shared: Arc<Shared>,
-    /// Dropping it tells every thread to stop.
-    shutdown: Option<Sender<()>>,
+    stopper: Stopper,
     /// Every thread holds a clone of the sender side and drops it on exit.
     finished: crossbeam_channel::Receiver<()>,
     threads: Vec<JoinHandle<()>>,
@@ -124,6 +123,12 @@ impl Relay {
         self.shared.counters.snapshot()
     }
 
+    /// A handle that begins this relay's shutdown from anywhere (a signal
+    /// handler, a sink, another thread) without waiting for it.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
     /// Stops claiming, lets deliveries in progress finish and settle
     /// (events claimed but not yet attempted go back to the queue), and
     /// joins every thread, waiting at most `deadline`.
@@ -136,10 +141,10 @@ impl Relay {
     }
 
     fn stop(&mut self, deadline: Duration) -> Result<(), Error> {
-        let Some(signal) = self.shutdown.take() else {
+        if self.threads.is_empty() {
             return Ok(());
-        };
-        drop(signal);
+        }
+        self.stopper.stop();
         let until = Instant::now() + deadline;
         // Disconnected once every thread has dropped its sender.
         while self.finished.recv_deadline(until).is_ok() {}
@@ -161,6 +166,32 @@ impl Relay {
                 .join(", ");
             Err(Error::ShutdownTimeout { threads })
         }
+    }
+}
+
+/// Begins a relay's shutdown without waiting for it: the relay stops
+/// claiming, finishes the delivery in progress and settles. Cloneable and
+/// callable from any thread, any number of times. Join the threads with
+/// [`Relay::shutdown`].
+#[derive(Clone, Debug)]
+pub struct Stopper {
+    /// Dropping the sender disconnects every thread's receiver.
+    signal: Arc<Mutex<Option<Sender<()>>>>,
+}
+
+impl Stopper {
+    pub(crate) fn new(signal: Sender<()>) -> Self {
+        Stopper {
+            signal: Arc::new(Mutex::new(Some(signal))),
+        }
+    }
+
+    /// Tells every relay thread to stop; returns at once.
+    pub fn stop(&self) {
+        self.signal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 

@@ -6,4 +6,6 @@ mod pg;
 mod common;
 mod migrate;
 mod publish;
+mod relay_delivery;
+mod relay_support;
 mod schema_contract;

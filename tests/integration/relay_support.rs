@@ -1,0 +1,247 @@
+//! What the relay tests share: a recording observer to wait on (no sleeps),
+//! a recording sink, and a relay builder with quick test settings.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::PgConnection;
+use outbox::{DeliveryError, EventId, StoredEvent};
+
+use crate::pg;
+
+/// One generous timeout for everything a test waits for.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// What the relay reported, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Signal {
+    Claimed(Vec<EventId>),
+    Delivered {
+        id: EventId,
+        attempt: i32,
+    },
+    Retry {
+        id: EventId,
+        attempt: i32,
+        delay: Duration,
+        error: String,
+    },
+    Dead {
+        id: EventId,
+        error: String,
+    },
+    Released(Vec<EventId>),
+    LeaseLost(Vec<EventId>),
+    Reconnected(&'static str),
+    Error(String),
+}
+
+/// An observer that forwards every hook into a channel.
+#[derive(Clone)]
+pub struct Recorder(Sender<Signal>);
+
+impl outbox::Observer for Recorder {
+    fn on_claimed(&self, events: &[StoredEvent]) {
+        let _ = self
+            .0
+            .send(Signal::Claimed(events.iter().map(|e| e.id).collect()));
+    }
+    fn on_delivered(&self, event: &StoredEvent) {
+        let _ = self.0.send(Signal::Delivered {
+            id: event.id,
+            attempt: event.attempts,
+        });
+    }
+    fn on_retry(&self, event: &StoredEvent, error: &DeliveryError, delay: Duration) {
+        let _ = self.0.send(Signal::Retry {
+            id: event.id,
+            attempt: event.attempts,
+            delay,
+            error: error.message().to_owned(),
+        });
+    }
+    fn on_dead_lettered(&self, event: &StoredEvent, error: &str) {
+        let _ = self.0.send(Signal::Dead {
+            id: event.id,
+            error: error.to_owned(),
+        });
+    }
+    fn on_released(&self, events: &[EventId]) {
+        let _ = self.0.send(Signal::Released(events.to_vec()));
+    }
+    fn on_lease_lost(&self, events: &[EventId]) {
+        let _ = self.0.send(Signal::LeaseLost(events.to_vec()));
+    }
+    fn on_error(&self, error: &outbox::Error) {
+        let _ = self.0.send(Signal::Error(error.to_string()));
+    }
+    fn on_reconnect(&self, what: &'static str) {
+        let _ = self.0.send(Signal::Reconnected(what));
+    }
+}
+
+/// The signals of one relay (or several sharing the recorder).
+pub struct Signals(pub Receiver<Signal>);
+
+impl Signals {
+    /// Collects signals until `done` says the collected list is complete;
+    /// panics with everything seen if that takes longer than [`PATIENCE`].
+    pub fn until(&self, mut done: impl FnMut(&[Signal]) -> bool) -> Vec<Signal> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while !done(&seen) {
+            match self.0.recv_deadline(deadline) {
+                Ok(signal) => seen.push(signal),
+                Err(_) => panic!("timed out waiting; signals so far: {seen:#?}"),
+            }
+        }
+        seen
+    }
+
+    /// Waits for `n` deliveries; returns the delivered ids in order.
+    pub fn delivered(&self, n: usize) -> Vec<EventId> {
+        let seen = self.until(|s| count_delivered(s) >= n);
+        seen.iter()
+            .filter_map(|s| match s {
+                Signal::Delivered { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn count_delivered(signals: &[Signal]) -> usize {
+    signals
+        .iter()
+        .filter(|s| matches!(s, Signal::Delivered { .. }))
+        .count()
+}
+
+/// A sink that records every call (id, attempt) and answers with `behave`.
+#[derive(Clone)]
+pub struct Recording {
+    calls: Arc<Mutex<Vec<(EventId, i32)>>>,
+}
+
+impl Recording {
+    pub fn new() -> Self {
+        Recording {
+            calls: Arc::default(),
+        }
+    }
+
+    /// The sink: records the call, then answers with `behave`.
+    pub fn sink(
+        &self,
+        behave: impl Fn(&StoredEvent) -> Result<(), DeliveryError> + Send + Sync + 'static,
+    ) -> impl outbox::Sink {
+        let calls = self.calls.clone();
+        move |event: &StoredEvent| {
+            calls.lock().unwrap().push((event.id, event.attempts));
+            behave(event)
+        }
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<(EventId, i32)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+
+/// A test database, its pool and a recorder.
+pub struct RelayBed {
+    pub db: pg::TestDb,
+    pub pool: PgPool,
+    pub signals: Signals,
+    recorder: Recorder,
+}
+
+pub fn setup() -> RelayBed {
+    let db = pg::test_db();
+    let pool = Pool::builder()
+        .max_size(8)
+        .min_idle(Some(0))
+        .build_unchecked(ConnectionManager::new(db.url()));
+    let (tx, rx) = unbounded();
+    RelayBed {
+        db,
+        pool,
+        signals: Signals(rx),
+        recorder: Recorder(tx),
+    }
+}
+
+impl RelayBed {
+    /// A relay with quick test settings: NOTIFY wake-ups, a 100 ms poll,
+    /// retries after 20-50 ms, this bed's recorder.
+    pub fn relay(&self) -> outbox::RelayBuilder {
+        outbox::Relay::builder(self.pool.clone())
+            .listen(self.db.url())
+            .observer(self.recorder.clone())
+            .poll_interval(Duration::from_millis(100))
+            .backoff(outbox::Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(400),
+                2.0,
+                0.0,
+            ))
+    }
+
+    /// The same without a listener: found by the poll only.
+    pub fn poll_only(&self) -> outbox::RelayBuilder {
+        outbox::Relay::builder(self.pool.clone())
+            .observer(self.recorder.clone())
+            .poll_interval(Duration::from_millis(100))
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        self.db.conn()
+    }
+
+    /// Publishes dynamic events (topic, key, payload {"n": i}), one
+    /// transaction each; returns their ids.
+    pub fn publish(&self, events: &[(&str, Option<&str>)]) -> Vec<EventId> {
+        let mut conn = self.conn();
+        events
+            .iter()
+            .enumerate()
+            .map(|(n, (topic, key))| {
+                outbox::transaction(&mut conn, |tx| {
+                    let mut event =
+                        outbox::NewEvent::dynamic(*topic, serde_json::json!({ "n": n }));
+                    if let Some(key) = key {
+                        event = event.key(*key);
+                    }
+                    tx.publish_event(event)
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// The dead letters, oldest id first: (id, topic, attempts, last_error).
+pub fn dead_letters(conn: &mut PgConnection) -> Vec<(i64, String, i32, String)> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        topic: String,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        attempts: i32,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        last_error: String,
+    }
+    diesel::sql_query("SELECT id, topic, attempts, last_error FROM outbox.dead_letters ORDER BY id")
+        .load::<Row>(conn)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.topic, r.attempts, r.last_error))
+        .collect()
+}
