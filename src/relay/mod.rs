@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 
@@ -146,9 +146,19 @@ impl Relay {
         }
         self.stopper.stop();
         let until = Instant::now() + deadline;
-        // Disconnected once every thread has dropped its sender.
-        while self.finished.recv_deadline(until).is_ok() {}
-        let (done, late): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|t| t.is_finished());
+        // Disconnected once every thread has dropped its sender, which it
+        // does as its very last step; a timeout means some are still busy.
+        let all_exiting = loop {
+            match self.finished.recv_deadline(until) {
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Disconnected) => break true,
+                Err(RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        let (done, late): (Vec<_>, Vec<_>) = self
+            .threads
+            .drain(..)
+            .partition(|thread| all_exiting || thread.is_finished());
         for thread in done {
             let name = thread.thread().name().unwrap_or("relay thread").to_owned();
             if thread.join().is_err() {

@@ -145,7 +145,7 @@ impl Worker {
             panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(event))).unwrap_or_else(|panic| {
                 Err(DeliveryError::transient(format!(
                     "sink panicked: {}",
-                    panic_message(&panic)
+                    panic_message(&*panic)
                 )))
             });
         let error = match result {

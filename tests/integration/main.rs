@@ -7,5 +7,6 @@ mod common;
 mod migrate;
 mod publish;
 mod relay_delivery;
+mod relay_failures;
 mod relay_support;
 mod schema_contract;
