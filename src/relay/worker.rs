@@ -126,7 +126,8 @@ impl Worker {
                 break;
             }
             if lease_renewed.elapsed() > config.lease / 2 {
-                self.extend_lease(claimed.token, &events[index..]);
+                // The whole batch: delivered events stay held until the settle.
+                self.extend_lease(claimed.token, &events);
                 lease_renewed = Instant::now();
             }
             outcomes.push(self.deliver(event, rng));
@@ -183,10 +184,10 @@ impl Worker {
         }
     }
 
-    /// Renews the lease of the events not yet delivered. Best effort: if it
-    /// fails the lease may run out, and the settle's fencing keeps that safe.
-    fn extend_lease(&self, token: i64, remaining: &[StoredEvent]) {
-        let ids: Vec<EventId> = remaining.iter().map(|e| e.id).collect();
+    /// Renews the lease of a batch. Best effort: if it fails the lease may
+    /// run out, and the settle's fencing keeps that safe.
+    fn extend_lease(&self, token: i64, batch: &[StoredEvent]) {
+        let ids: Vec<EventId> = batch.iter().map(|e| e.id).collect();
         let extended = self
             .shared
             .pool

@@ -162,17 +162,28 @@ pub struct RelayBed {
 
 pub fn setup() -> RelayBed {
     let db = pg::test_db();
-    let pool = Pool::builder()
-        .max_size(8)
-        .min_idle(Some(0))
-        .build_unchecked(ConnectionManager::new(db.url()));
-    let (tx, rx) = unbounded();
+    let pool = pool(&db);
+    let (recorder, signals) = recorder();
     RelayBed {
         db,
         pool,
-        signals: Signals(rx),
-        recorder: Recorder(tx),
+        signals,
+        recorder,
     }
+}
+
+/// A pool on `db` that connects lazily.
+pub fn pool(db: &pg::TestDb) -> PgPool {
+    Pool::builder()
+        .max_size(8)
+        .min_idle(Some(0))
+        .build_unchecked(ConnectionManager::new(db.url()))
+}
+
+/// A recorder and the signals it forwards, for a relay of its own.
+pub fn recorder() -> (Recorder, Signals) {
+    let (tx, rx) = unbounded();
+    (Recorder(tx), Signals(rx))
 }
 
 impl RelayBed {
