@@ -10,9 +10,6 @@
 //! tests run in parallel without seeing each other's rows or notifications.
 #![allow(dead_code)]
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -178,12 +175,16 @@ fn migrations_hash() -> u64 {
         }
     }
     files.sort();
-    let mut hasher = DefaultHasher::new();
+    // FNV-1a: stable across Rust versions, unlike std's DefaultHasher, so a
+    // toolchain upgrade does not build a new template.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for file in files {
-        file.strip_prefix(&dir).unwrap().hash(&mut hasher);
-        std::fs::read(&file).unwrap().hash(&mut hasher);
+        let name = file.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+        for byte in name.bytes().chain(std::fs::read(&file).unwrap()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
-    hasher.finish()
+    hash
 }
 
 /// `url` with its database name replaced by `database`.
@@ -245,70 +246,43 @@ fn start_cluster() -> (String, ChildStdin) {
         std::os::unix::fs::chown(&root, Some(uid), Some(gid)).expect("chown cluster directory");
     }
     let data = root.join("data");
-    let command = |program: &str| {
-        let mut cmd = Command::new(bin.join(program));
-        cmd.current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some((uid, gid)) = owner {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
-    };
-    let out = command("initdb")
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-            "-D",
-        ])
-        .arg(&data)
-        .output()
-        .expect("running initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
+    // Unix socket only, in a directory only the cluster's owner (and root)
+    // can enter: trust authentication then trusts nobody else on the machine.
+    let port = 5432;
     let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=300",
+        "-p {port} -k {} -c listen_addresses='' -c unix_socket_permissions=0700 \
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
         root.display()
     );
-    let out = command("pg_ctl")
-        .args(["-w", "-t", "60", "-l"])
-        .arg(root.join("server.log"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-o", &options, "start"])
-        .output()
-        .expect("running pg_ctl start");
-    let log = std::fs::read_to_string(root.join("server.log")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "pg_ctl start failed: {}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // One supervisor does everything: initdb, start, then wait for this
+    // process to go away (EOF on stdin), stop, remove. Being sequential,
+    // a death of this process at any point (even mid-initdb) still ends
+    // with the cluster stopped and removed; being in its own process group
+    // and ignoring INT/TERM/HUP, a Ctrl-C or a signal to our group does
+    // not kill it before it has cleaned up.
+    let script = r#"trap '' INT TERM HUP QUIT PIPE
+bin=$1 data=$2 root=$3 opts=$4
+cleanup() { "$bin/pg_ctl" -D "$data" stop -m immediate >/dev/null 2>&1; rm -rf "$root"; }
+if ! "$bin/initdb" -U postgres -A trust -E UTF8 --locale=C --no-sync -D "$data" >"$root/initdb.log" 2>&1; then
+  echo "initdb failed: $(cat "$root/initdb.log")"; rm -rf "$root"; exit 1
+fi
+if ! "$bin/pg_ctl" -w -t 60 -l "$root/server.log" -D "$data" -o "$opts" start >/dev/null 2>&1; then
+  echo "pg_ctl start failed: $(cat "$root/server.log")"; cleanup; exit 1
+fi
+echo ready
+read _ignored
+cleanup"#;
     let mut watchdog = Command::new("sh");
     watchdog
-        .args([
-            "-c",
-            r#"read _ignored; "$1" -D "$2" stop -m immediate >/dev/null 2>&1; rm -rf "$3""#,
-            "outbox-pg-watchdog",
-        ])
-        .arg(bin.join("pg_ctl"))
+        .args(["-c", script, "outbox-pg-watchdog"])
+        .arg(&bin)
         .arg(&data)
         .arg(&root)
+        .arg(&options)
         .current_dir(&root)
+        .process_group(0)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null());
     if let Some((uid, gid)) = owner {
         watchdog.uid(uid).gid(gid);
@@ -316,10 +290,20 @@ fn start_cluster() -> (String, ChildStdin) {
     // Never waited for: it must outlive this process to clean up after it.
     #[allow(clippy::zombie_processes)]
     let mut child = watchdog.spawn().expect("starting the cluster watchdog");
-    let mut stdin = child.stdin.take().expect("watchdog stdin");
-    let _ = stdin.flush();
+    let stdin = child.stdin.take().expect("watchdog stdin");
+    let mut status = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("watchdog stdout")),
+        &mut status,
+    )
+    .expect("reading the watchdog's status");
+    assert!(
+        status.trim() == "ready",
+        "starting the throwaway cluster: {status}"
+    );
+    let socket_dir = root.display().to_string().replace('/', "%2F");
     (
-        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        format!("postgres://postgres@{socket_dir}:{port}/postgres"),
         stdin,
     )
 }
@@ -375,11 +359,4 @@ fn postgres_bindir() -> Option<PathBuf> {
         candidates.extend(std::env::split_paths(&path));
     }
     candidates.into_iter().find(|dir| has_tools(dir))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("finding a free port")
 }
