@@ -1,5 +1,7 @@
 //! Applying the embedded schema migrations.
 
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
 use diesel::{Connection, PgConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
@@ -21,6 +23,11 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 ///   for your own migrations keep working and never see ours.
 /// - **All or nothing**: everything runs in one transaction (a savepoint if
 ///   `conn` is already in one).
+/// - **Least privilege when up to date**: with nothing to apply it only
+///   reads `outbox.__diesel_schema_migrations`, so an application role with
+///   `USAGE` on schema `outbox` and `SELECT` on that table may call it at
+///   start-up; applying migrations needs `CREATE` on the database (first
+///   time) or on the schema.
 ///
 /// ```no_run
 /// let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;
@@ -30,6 +37,9 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub fn migrate(conn: &mut PgConnection) -> Result<usize> {
     conn.transaction(|conn| {
         store::lock_migrations(conn)?;
+        if up_to_date(conn)? {
+            return Ok(0);
+        }
         store::create_schema(conn)?;
         let previous_path = store::search_path(conn)?;
         // diesel's harness creates and reads its bookkeeping table through
@@ -47,4 +57,17 @@ pub fn migrate(conn: &mut PgConnection) -> Result<usize> {
         }
         Ok(applied)
     })
+}
+
+/// Whether every embedded migration is recorded as applied, found without
+/// any DDL (diesel's harness starts with `CREATE TABLE IF NOT EXISTS`,
+/// which needs the CREATE privilege even when the table exists).
+fn up_to_date(conn: &mut PgConnection) -> Result<bool> {
+    let Some(applied) = store::applied_migrations(conn)? else {
+        return Ok(false);
+    };
+    let embedded = MigrationSource::<Pg>::migrations(&MIGRATIONS).map_err(Error::Migration)?;
+    Ok(embedded
+        .iter()
+        .all(|migration| applied.contains(&migration.name().version().to_string())))
 }

@@ -17,8 +17,8 @@ use crate::store;
 /// }
 /// # Ok::<(), outbox::Error>(())
 /// ```
-pub fn queued_events(conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredEvent>> {
-    store::queued_events(conn, limit)?
+pub fn queued_events(conn: &mut PgConnection, limit: u32) -> Result<Vec<StoredEvent>> {
+    store::queued_events(conn, i64::from(limit))?
         .into_iter()
         .map(store::stored_event)
         .collect()

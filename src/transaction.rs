@@ -13,9 +13,13 @@ use crate::store;
 /// rows and publish events: either all of it commits, or none of it.
 ///
 /// Follows [`diesel::Connection::transaction`]: commits when `f` returns
-/// `Ok`, rolls back when it returns `Err` (or panics, in which case the panic
-/// continues after the rollback), and uses a savepoint when `conn` is already
-/// inside a transaction. Your error type only needs
+/// `Ok`, rolls back when it returns `Err`, and uses a savepoint when `conn`
+/// is already inside a transaction.
+///
+/// Unlike diesel's, it also rolls back on a panic, which then continues:
+/// diesel leaves every transaction a panic unwinds through open, so this
+/// rolls back *all* open levels, the enclosing ones and any the closure
+/// opened itself, and the connection is usable (and poolable) again. Your error type only needs
 /// `From<diesel::result::Error>`; errors from [`Tx::publish`] are diesel
 /// errors too, and `outbox::Error::from` turns them back into typed ones.
 ///
@@ -63,13 +67,25 @@ where
     match outcome {
         Ok(result) => result,
         Err(panic) => {
-            // diesel leaves the transaction open when the closure panics;
-            // close our level so the connection is usable (and the pool does
-            // not keep a connection stuck in a transaction) before unwinding.
-            if let Err(error) = AnsiTransactionManager::rollback_transaction(conn) {
-                tracing::warn!(%error, "rollback after a panic in outbox::transaction failed");
-            }
+            rollback_all(conn);
             panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Rolls back every open transaction level. diesel's frames that the panic
+/// unwinds through would not, and its depth counter is not public, so roll
+/// back until diesel says there is nothing left.
+fn rollback_all(conn: &mut PgConnection) {
+    // A generous bound on nesting, so a misbehaving manager cannot loop.
+    for _ in 0..1024 {
+        match AnsiTransactionManager::rollback_transaction(conn) {
+            Ok(()) => continue,
+            Err(diesel::result::Error::NotInTransaction) => return,
+            Err(error) => {
+                tracing::warn!(%error, "rollback after a panic in outbox::transaction failed");
+                return;
+            }
         }
     }
 }
@@ -103,8 +119,8 @@ impl<'c> Tx<'c> {
         self.publish_event(NewEvent::typed(event))
     }
 
-    /// Publishes many typed events of one type in one round trip. Returns
-    /// their ids in the same order.
+    /// Publishes many typed events of one type, in one round trip per
+    /// 10,000. Returns their ids in the same order.
     pub fn publish_all<'e, E, I>(&mut self, events: I) -> QueryResult<Vec<EventId>>
     where
         E: Event + 'e,
@@ -120,8 +136,8 @@ impl<'c> Tx<'c> {
         store::insert_event(self.conn, &event)
     }
 
-    /// Publishes any mix of events in one round trip. Returns their ids in
-    /// the same order. If one is invalid, none is written.
+    /// Publishes any mix of events, in one round trip per 10,000. Returns
+    /// their ids in the same order. If one is invalid, none is written.
     pub fn publish_events<I>(&mut self, events: I) -> QueryResult<Vec<EventId>>
     where
         I: IntoIterator<Item = NewEvent>,

@@ -27,10 +27,11 @@ CREATE TABLE outbox.events (
         CHECK (topic <> '' AND octet_length(topic) <= 255 AND topic !~ '[[:cntrl:]]'),
     key text,
     payload jsonb NOT NULL,
+    -- strict: lax mode would unwrap arrays and accept {"a": ["x"]}.
     headers jsonb NOT NULL DEFAULT '{}'
         CONSTRAINT events_headers_string_map
         CHECK (jsonb_typeof(headers) = 'object'
-               AND NOT jsonb_path_exists(headers, '$.* ? (@.type() != "string")')),
+               AND NOT jsonb_path_exists(headers, 'strict $.* ? (@.type() != "string")')),
     created_at timestamptz NOT NULL DEFAULT now(),
     available_at timestamptz NOT NULL DEFAULT now(),
     attempts integer NOT NULL DEFAULT 0

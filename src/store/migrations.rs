@@ -12,9 +12,52 @@ pub(crate) fn lock_migrations(conn: &mut PgConnection) -> QueryResult<()> {
     Ok(())
 }
 
-/// Creates the schema the migrations and their bookkeeping live in.
+/// Creates the schema the migrations and their bookkeeping live in, unless
+/// it exists: `CREATE SCHEMA IF NOT EXISTS` would demand the CREATE
+/// privilege on the database at every start-up, even with nothing to do.
 pub(crate) fn create_schema(conn: &mut PgConnection) -> QueryResult<()> {
-    conn.batch_execute("CREATE SCHEMA IF NOT EXISTS outbox")
+    let exists: bool = diesel::select(diesel::dsl::exists(
+        pg_namespace::table.filter(pg_namespace::nspname.eq("outbox")),
+    ))
+    .get_result(conn)?;
+    if exists {
+        return Ok(());
+    }
+    conn.batch_execute("CREATE SCHEMA outbox")
+}
+
+/// The versions recorded in `outbox.__diesel_schema_migrations`, or `None`
+/// when that table does not exist yet. Reads only: no privilege beyond
+/// `USAGE` on the schema and `SELECT` on the table.
+pub(crate) fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Option<Vec<String>>> {
+    let exists: bool = diesel::select(to_regclass("outbox.__diesel_schema_migrations").is_not_null())
+        .get_result(conn)?;
+    if !exists {
+        return Ok(None);
+    }
+    bookkeeping::table.select(bookkeeping::version).load(conn).map(Some)
+}
+
+diesel::define_sql_function! {
+    /// The table's oid, or NULL when it does not exist (never an error).
+    fn to_regclass(name: diesel::sql_types::Text) -> diesel::sql_types::Nullable<diesel::sql_types::Oid>;
+}
+
+diesel::table! {
+    /// diesel's bookkeeping of our migrations, kept in our schema.
+    outbox.__diesel_schema_migrations (version) {
+        version -> VarChar,
+    }
+}
+
+use __diesel_schema_migrations as bookkeeping;
+
+diesel::table! {
+    /// The system catalog of schemas.
+    pg_catalog.pg_namespace (oid) {
+        oid -> Oid,
+        nspname -> Text,
+    }
 }
 
 /// The session's `search_path`, to restore after migrating.

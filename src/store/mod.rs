@@ -17,7 +17,9 @@ use diesel::sql_types::Jsonb;
 use crate::error::{Error, Result};
 use crate::event::{EventId, Headers, StoredEvent};
 
-pub(crate) use migrations::{create_schema, lock_migrations, search_path, set_local_search_path};
+pub(crate) use migrations::{
+    applied_migrations, create_schema, lock_migrations, search_path, set_local_search_path,
+};
 pub(crate) use publish::{insert_event, insert_events};
 pub(crate) use queue::queued_events;
 pub(crate) use relay::{claim, extend_lease, settle, TopicFilter, Verdict};

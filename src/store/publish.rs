@@ -51,21 +51,26 @@ pub(crate) fn insert_event(conn: &mut PgConnection, event: &ValidEvent) -> Query
         .map(EventId)
 }
 
-/// Inserts many events in one statement and one round trip. Returns their
-/// ids in input order: identity values are drawn row by row in input order,
-/// so sorting the returned ids restores it.
+/// Rows per insert statement: 5 bind parameters a row, and PostgreSQL
+/// takes at most 65,535 parameters in one statement.
+const ROWS_PER_INSERT: usize = 10_000;
+
+/// Inserts many events, one statement and one round trip per 10,000.
+/// Returns their ids in input order: identity values are drawn row by row
+/// in input order, so sorting each statement's ids restores it.
 pub(crate) fn insert_events(
     conn: &mut PgConnection,
     batch: &[ValidEvent],
 ) -> QueryResult<Vec<EventId>> {
-    if batch.is_empty() {
-        return Ok(Vec::new());
+    let mut all = Vec::with_capacity(batch.len());
+    for chunk in batch.chunks(ROWS_PER_INSERT) {
+        let rows: Vec<EventValues<'_>> = chunk.iter().map(event_values).collect();
+        let mut ids: Vec<i64> = diesel::insert_into(events::table)
+            .values(rows)
+            .returning(events::id)
+            .get_results(conn)?;
+        ids.sort_unstable();
+        all.extend(ids.into_iter().map(EventId));
     }
-    let rows: Vec<EventValues<'_>> = batch.iter().map(event_values).collect();
-    let mut ids: Vec<i64> = diesel::insert_into(events::table)
-        .values(rows)
-        .returning(events::id)
-        .get_results(conn)?;
-    ids.sort_unstable();
-    Ok(ids.into_iter().map(EventId).collect())
+    Ok(all)
 }

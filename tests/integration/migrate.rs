@@ -160,3 +160,26 @@ fn queries_against_an_unmigrated_database_are_typed_errors() {
         r#"relation "outbox.events" does not exist"#
     );
 }
+
+#[test]
+fn an_up_to_date_migrate_needs_only_read_access() {
+    use diesel::connection::SimpleConnection;
+    let db = pg::test_db();
+    let role = format!("{}_app", db.name());
+    db.conn()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA outbox TO {role};
+             GRANT SELECT ON outbox.__diesel_schema_migrations TO {role};"
+        ))
+        .unwrap();
+    // No CREATE on the database nor on the schema: only read access.
+    let applied = PgConnection::establish(&pg::with_user(db.url(), &role))
+        .map_err(outbox::Error::from)
+        .and_then(|mut app| outbox::migrate(&mut app));
+    drop(db);
+    pg::admin()
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .unwrap();
+    assert_eq!(applied.unwrap(), 0);
+}

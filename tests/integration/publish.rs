@@ -342,3 +342,36 @@ fn a_connection_that_breaks_mid_transaction_writes_nothing() {
     );
     assert_nothing_written(&mut db.conn());
 }
+
+#[test]
+fn a_batch_larger_than_one_statement_allows_is_split_in_one_transaction() {
+    let Bundle { db: _db, mut conn } = setup();
+    // 5 bind parameters a row: one statement holds at most 13,107 rows.
+    let events: Vec<OrderApproved> = (0..25_000).map(approved).collect();
+    let ids = outbox::transaction(&mut conn, |tx| tx.publish_all(&events)).unwrap();
+    assert_eq!(ids.len(), 25_000);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(count(&mut conn, "outbox.events"), 25_000);
+    let first = &outbox::queued_events(&mut conn, 1).unwrap()[0];
+    assert_eq!((first.id, first.decode::<OrderApproved>().unwrap()), (ids[0], approved(0)));
+}
+
+#[test]
+fn a_panic_inside_a_nested_diesel_transaction_leaves_no_transaction_open() {
+    let Bundle { db, mut conn } = setup();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _: Result<(), outbox::Error> = outbox::transaction(&mut conn, |tx| {
+            tx.publish(&approved(1))?;
+            tx.conn().transaction(|inner| {
+                insert_order(inner, 1)?;
+                panic!("bug inside a savepoint")
+            })
+        });
+    }));
+    assert!(outcome.is_err());
+    assert_nothing_written(&mut db.conn());
+    // A fresh top-level transaction commits: nothing was left open.
+    let id = outbox::transaction(&mut conn, |tx| tx.publish(&approved(2))).unwrap();
+    let seen = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(seen.iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
+}
