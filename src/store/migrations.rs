@@ -30,12 +30,16 @@ pub(crate) fn create_schema(conn: &mut PgConnection) -> QueryResult<()> {
 /// when that table does not exist yet. Reads only: no privilege beyond
 /// `USAGE` on the schema and `SELECT` on the table.
 pub(crate) fn applied_migrations(conn: &mut PgConnection) -> QueryResult<Option<Vec<String>>> {
-    let exists: bool = diesel::select(to_regclass("outbox.__diesel_schema_migrations").is_not_null())
-        .get_result(conn)?;
+    let exists: bool =
+        diesel::select(to_regclass("outbox.__diesel_schema_migrations").is_not_null())
+            .get_result(conn)?;
     if !exists {
         return Ok(None);
     }
-    bookkeeping::table.select(bookkeeping::version).load(conn).map(Some)
+    bookkeeping::table
+        .select(bookkeeping::version)
+        .load(conn)
+        .map(Some)
 }
 
 diesel::define_sql_function! {

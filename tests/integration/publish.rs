@@ -353,7 +353,10 @@ fn a_batch_larger_than_one_statement_allows_is_split_in_one_transaction() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(count(&mut conn, "outbox.events"), 25_000);
     let first = &outbox::queued_events(&mut conn, 1).unwrap()[0];
-    assert_eq!((first.id, first.decode::<OrderApproved>().unwrap()), (ids[0], approved(0)));
+    assert_eq!(
+        (first.id, first.decode::<OrderApproved>().unwrap()),
+        (ids[0], approved(0))
+    );
 }
 
 #[test]

@@ -49,7 +49,8 @@ fn a_relay_survives_terminated_connections_and_loses_nothing() {
 
         let killed = terminate_all_other_backends(&mut admin);
         assert!(killed >= 2, "round {round}: only {killed} backends to kill");
-        bed.signals.until(|s| s.contains(&Signal::Reconnected("listener")));
+        bed.signals
+            .until(|s| s.contains(&Signal::Reconnected("listener")));
 
         let ids = bed.publish(&vec![("t", None); 20]);
         delivered.extend(bed.signals.delivered(20));

@@ -25,7 +25,9 @@ fn a_relay_that_lost_its_lease_cannot_dead_letter_what_another_delivered() {
         .lease_duration(Duration::from_millis(300))
         .route("*", move |_: &StoredEvent| {
             let _ = release.recv_timeout(PATIENCE);
-            Err(DeliveryError::permanent("verdict of a relay whose lease ran out"))
+            Err(DeliveryError::permanent(
+                "verdict of a relay whose lease ran out",
+            ))
         })
         .start()
         .unwrap();
@@ -41,11 +43,19 @@ fn a_relay_that_lost_its_lease_cannot_dead_letter_what_another_delivered() {
         .start()
         .unwrap();
     // Delivered by the rescuer once the lease expired: attempt 2.
-    bed.signals.until(|s| s.contains(&Signal::Delivered { id: ids[0], attempt: 2 }));
+    bed.signals.until(|s| {
+        s.contains(&Signal::Delivered {
+            id: ids[0],
+            attempt: 2,
+        })
+    });
     release_tx.send(()).unwrap();
     let seen = stalled_signals.until(|s| s.iter().any(|s| matches!(s, Signal::LeaseLost(_))));
     assert_eq!(seen.last(), Some(&Signal::LeaseLost(ids.clone())));
-    assert!(!seen.iter().any(|s| matches!(s, Signal::Dead { .. })), "{seen:?}");
+    assert!(
+        !seen.iter().any(|s| matches!(s, Signal::Dead { .. })),
+        "{seen:?}"
+    );
     assert_eq!(stalled.stats().lease_lost, 1);
     assert_eq!(stalled.stats().dead_lettered, 0);
     stalled.shutdown(PATIENCE).unwrap();
@@ -82,7 +92,10 @@ fn a_batch_slower_than_its_lease_renews_it_and_is_delivered_once() {
         tx.publish_events((0..5).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n))))
     })
     .unwrap();
-    bed.signals.until(|s| s.iter().any(|s| matches!(s, Signal::Claimed(c) if c.len() == 5)));
+    bed.signals.until(|s| {
+        s.iter()
+            .any(|s| matches!(s, Signal::Claimed(c) if c.len() == 5))
+    });
     let competitor = bed
         .relay()
         .name("competitor")
@@ -95,6 +108,10 @@ fn a_batch_slower_than_its_lease_renews_it_and_is_delivered_once() {
     competitor.shutdown(PATIENCE).unwrap();
 
     let expected: Vec<_> = ids.iter().map(|id| (*id, 1)).collect();
-    assert_eq!(recording.calls(), expected, "each event delivered once, by the slow relay");
+    assert_eq!(
+        recording.calls(),
+        expected,
+        "each event delivered once, by the slow relay"
+    );
     assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
 }

@@ -12,7 +12,8 @@ use crate::relay_support::{setup, Signal, PATIENCE};
 fn events_of_one_key_are_attempted_only_after_every_earlier_one_is_delivered() {
     let bed = setup();
     // Every call, in the order the sink saw them: (id, key, attempt, ok).
-    let calls: Arc<Mutex<Vec<(EventId, String, i32, bool)>>> = Arc::default();
+    type Call = (EventId, String, i32, bool);
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let log = calls.clone();
     let relay = bed
         .relay()
@@ -21,7 +22,9 @@ fn events_of_one_key_are_attempted_only_after_every_earlier_one_is_delivered() {
         .route("*", move |e: &StoredEvent| {
             // Fail the first attempt of about a third of the events.
             let fail = e.attempts == 1 && e.id.get() % 3 == 0;
-            log.lock().unwrap().push((e.id, e.key.clone().unwrap(), e.attempts, !fail));
+            log.lock()
+                .unwrap()
+                .push((e.id, e.key.clone().unwrap(), e.attempts, !fail));
             if fail {
                 Err(DeliveryError::transient("first attempt fails"))
             } else {
@@ -31,8 +34,9 @@ fn events_of_one_key_are_attempted_only_after_every_earlier_one_is_delivered() {
         .start()
         .unwrap();
     let keys = ["a", "b", "c", "d"];
-    let published: Vec<(&str, Option<&str>)> =
-        (0..80).map(|n| ("order.changed", Some(keys[n % keys.len()]))).collect();
+    let published: Vec<(&str, Option<&str>)> = (0..80)
+        .map(|n| ("order.changed", Some(keys[n % keys.len()])))
+        .collect();
     let ids = bed.publish(&published);
     bed.signals.delivered(ids.len());
     relay.shutdown(PATIENCE).unwrap();
@@ -57,7 +61,10 @@ fn events_of_one_key_are_attempted_only_after_every_earlier_one_is_delivered() {
         }
     }
     let retried = calls.iter().filter(|c| !c.3).count();
-    assert!(retried >= 20, "only {retried} failures: the test lost its teeth");
+    assert!(
+        retried >= 20,
+        "only {retried} failures: the test lost its teeth"
+    );
     for key in keys {
         let expected: Vec<EventId> = ids
             .iter()
@@ -116,7 +123,9 @@ fn keyless_events_are_delivered_in_parallel() {
             let mut count = count.lock().unwrap();
             *count += 1;
             changed.notify_all();
-            let (count, timeout) = changed.wait_timeout_while(count, PATIENCE, |n| *n < 2).unwrap();
+            let (count, timeout) = changed
+                .wait_timeout_while(count, PATIENCE, |n| *n < 2)
+                .unwrap();
             drop(count);
             if timeout.timed_out() {
                 Err(DeliveryError::permanent("never had company"))
@@ -131,7 +140,10 @@ fn keyless_events_are_delivered_in_parallel() {
     })
     .unwrap();
     let seen = bed.signals.until(|s| {
-        s.iter().filter(|s| matches!(s, Signal::Delivered { .. } | Signal::Dead { .. })).count() == 2
+        s.iter()
+            .filter(|s| matches!(s, Signal::Delivered { .. } | Signal::Dead { .. }))
+            .count()
+            == 2
     });
     relay.shutdown(PATIENCE).unwrap();
     let mut delivered: Vec<_> = seen

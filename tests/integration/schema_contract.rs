@@ -52,7 +52,10 @@ fn constraints_reject_what_the_library_would() {
         ("(E't\\n', '{}', '{}')", "events_topic_valid"),
         ("('t', '{}', '[]')", "events_headers_string_map"),
         ("('t', '{}', '{\"n\": 1}')", "events_headers_string_map"),
-        ("('t', '{}', '{\"a\": [\"x\"]}')", "events_headers_string_map"),
+        (
+            "('t', '{}', '{\"a\": [\"x\"]}')",
+            "events_headers_string_map",
+        ),
         ("('t', '{}', '{\"a\": []}')", "events_headers_string_map"),
         ("('t', '{}', 'null')", "events_headers_string_map"),
     ] {

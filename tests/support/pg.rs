@@ -179,7 +179,11 @@ fn migrations_hash() -> u64 {
     // toolchain upgrade does not build a new template.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for file in files {
-        let name = file.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+        let name = file
+            .strip_prefix(&dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         for byte in name.bytes().chain(std::fs::read(&file).unwrap()) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
