@@ -1,11 +1,15 @@
 //! The outbox in one story: an approved order and its email event commit
-//! together, and a failed order leaves neither behind.
+//! together, a failed order leaves neither behind, a relay sends the email
+//! (retrying when the provider fails), and a poison event lands in the
+//! dead-letter table.
 //!
 //! Runs against `DATABASE_URL` when it is set, otherwise against a throwaway
 //! PostgreSQL cluster started from the local installation.
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
+
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
@@ -75,6 +79,54 @@ fn approve(
     })
 }
 
+/// The "email provider": down for the first attempt of every email, and it
+/// rejects addresses at example.invalid for good.
+fn send_email(
+    event: OrderApproved,
+    meta: &outbox::StoredEvent,
+) -> Result<(), outbox::DeliveryError> {
+    if event.email.ends_with("@example.invalid") {
+        return Err(outbox::DeliveryError::permanent(format!(
+            "550 no such mailbox: {}",
+            event.email
+        )));
+    }
+    if meta.attempts == 1 {
+        return Err(outbox::DeliveryError::transient("503 provider unavailable"));
+    }
+    println!(
+        "  email sent to {} for order {} (event {}, attempt {})",
+        event.email, event.order_id, meta.id, meta.attempts
+    );
+    Ok(())
+}
+
+/// Prints what the relay does, and tells `main` when an event is settled.
+struct Narrator(crossbeam_channel::Sender<()>);
+
+impl outbox::Observer for Narrator {
+    fn on_retry(
+        &self,
+        event: &outbox::StoredEvent,
+        error: &outbox::DeliveryError,
+        delay: Duration,
+    ) {
+        println!(
+            "  event {} attempt {} failed ({error}); retrying in {} ms",
+            event.id,
+            event.attempts,
+            delay.as_millis()
+        );
+    }
+    fn on_delivered(&self, _: &outbox::StoredEvent) {
+        let _ = self.0.send(());
+    }
+    fn on_dead_lettered(&self, event: &outbox::StoredEvent, error: &str) {
+        println!("  event {} moved to the dead letters: {error}", event.id);
+        let _ = self.0.send(());
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = pg::test_db();
     let mut conn = db.conn();
@@ -91,6 +143,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => unreachable!("order 8 has no email address"),
         Err(e) => println!("order 8 failed ({e}); its transaction rolled back"),
     }
+    let poison = approve(&mut conn, 9, "nobody@example.invalid")?;
+    println!("order 9 approved; event {poison} queued (its address will bounce)");
 
     #[derive(QueryableByName)]
     struct Count {
@@ -116,8 +170,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     assert_eq!(
         (orders, queued.len()),
-        (1, 1),
-        "exactly the committed order and its event"
+        (2, 2),
+        "exactly the committed orders and their events"
     );
+
+    println!("starting the relay");
+    let pool =
+        diesel::r2d2::Pool::builder()
+            .max_size(4)
+            .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+                db.url(),
+            ))?;
+    let (settled, settled_rx) = crossbeam_channel::unbounded();
+    let relay = outbox::Relay::builder(pool)
+        .listen(db.url())
+        .handle(send_email)
+        .backoff(outbox::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            2.0,
+            0.2,
+        ))
+        .observer(Narrator(settled))
+        .start()?;
+    for _ in 0..queued.len() {
+        settled_rx.recv_timeout(Duration::from_secs(30))?;
+    }
+    relay.shutdown(Duration::from_secs(10))?;
+
+    println!(
+        "after the relay: {} events in the outbox",
+        outbox::queued_events(&mut conn, 100)?.len()
+    );
+    #[derive(QueryableByName)]
+    struct DeadLetter {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        attempts: i32,
+        #[diesel(sql_type = Text)]
+        last_error: String,
+    }
+    for dead in
+        diesel::sql_query("SELECT id, attempts, last_error FROM outbox.dead_letters ORDER BY id")
+            .load::<DeadLetter>(&mut conn)?
+    {
+        println!(
+            "  dead letter: event {} after {} attempt(s): {}",
+            dead.id, dead.attempts, dead.last_error
+        );
+    }
     Ok(())
 }
