@@ -60,6 +60,35 @@ pub trait Observer: Send + Sync + 'static {
     }
 }
 
+/// A shared observer: keep an `Arc` to read what it collected while the
+/// relay runs, or give one observer to several relays.
+impl<O: Observer + ?Sized> Observer for std::sync::Arc<O> {
+    fn on_claimed(&self, events: &[StoredEvent]) {
+        (**self).on_claimed(events)
+    }
+    fn on_delivered(&self, event: &StoredEvent) {
+        (**self).on_delivered(event)
+    }
+    fn on_retry(&self, event: &StoredEvent, error: &DeliveryError, delay: Duration) {
+        (**self).on_retry(event, error, delay)
+    }
+    fn on_dead_lettered(&self, event: &StoredEvent, error: &str) {
+        (**self).on_dead_lettered(event, error)
+    }
+    fn on_released(&self, events: &[EventId]) {
+        (**self).on_released(events)
+    }
+    fn on_lease_lost(&self, events: &[EventId]) {
+        (**self).on_lease_lost(events)
+    }
+    fn on_error(&self, error: &Error) {
+        (**self).on_error(error)
+    }
+    fn on_reconnect(&self, what: &'static str) {
+        (**self).on_reconnect(what)
+    }
+}
+
 /// The observer that does nothing: the default.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoopObserver;
