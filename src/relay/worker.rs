@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use diesel::PgConnection;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -17,6 +18,8 @@ use crate::event::{EventId, StoredEvent};
 use crate::observe::Counters;
 use crate::sink::{DeliveryError, DeliveryErrorKind};
 use crate::store::{self, Verdict};
+
+type PooledConn = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<PgConnection>>;
 
 pub(super) struct Worker {
     pub(super) shared: Arc<Shared>,
@@ -38,11 +41,15 @@ impl Worker {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
         let mut failures: u32 = 0;
+        // The worker's own connection, kept across rounds: checking one out
+        // of the pool per statement would cost the pool's validation query
+        // each time. Dropped (back to the pool, which tests it) on any error.
+        let mut conn: Option<PooledConn> = None;
         loop {
             if self.stopping() {
                 return;
             }
-            match self.round(&mut rng) {
+            match self.round(&mut conn, &mut rng) {
                 Ok(round) => {
                     if failures > 0 {
                         failures = 0;
@@ -60,6 +67,7 @@ impl Worker {
                     }
                 }
                 Err(error) => {
+                    conn = None;
                     failures = failures.saturating_add(1);
                     Counters::add(&self.shared.counters.errors, 1);
                     tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "claiming or settling failed; retrying");
@@ -78,13 +86,16 @@ impl Worker {
     }
 
     /// Claims, delivers and settles one batch.
-    fn round(&self, rng: &mut StdRng) -> Result<Round, Error> {
+    fn round(&self, slot: &mut Option<PooledConn>, rng: &mut StdRng) -> Result<Round, Error> {
         let shared = &*self.shared;
         let config = &shared.config;
+        let conn = match slot {
+            Some(conn) => conn,
+            None => slot.insert(shared.pool.get()?),
+        };
         let claimed = {
-            let mut conn = shared.pool.get()?;
             store::claim(
-                &mut conn,
+                conn,
                 &shared.name,
                 i64::from(config.batch_size),
                 config.lease,
@@ -127,12 +138,12 @@ impl Worker {
             }
             if lease_renewed.elapsed() > config.lease / 2 {
                 // The whole batch: delivered events stay held until the settle.
-                self.extend_lease(claimed.token, &events);
+                self.extend_lease(conn, claimed.token, &events);
                 lease_renewed = Instant::now();
             }
             outcomes.push(self.deliver(event, rng));
         }
-        self.settle(claimed.token, &events, outcomes)?;
+        self.settle(slot, claimed.token, &events, outcomes)?;
         Ok(if full { Round::Full } else { Round::Drained })
     }
 
@@ -186,23 +197,10 @@ impl Worker {
 
     /// Renews the lease of a batch. Best effort: if it fails the lease may
     /// run out, and the settle's fencing keeps that safe.
-    fn extend_lease(&self, token: i64, batch: &[StoredEvent]) {
+    fn extend_lease(&self, conn: &mut PgConnection, token: i64, batch: &[StoredEvent]) {
         let ids: Vec<EventId> = batch.iter().map(|e| e.id).collect();
-        let extended = self
-            .shared
-            .pool
-            .get()
-            .map_err(Error::from)
-            .and_then(|mut conn| {
-                Ok(store::extend_lease(
-                    &mut conn,
-                    token,
-                    &ids,
-                    self.shared.config.lease,
-                )?)
-            });
-        if let Err(error) = extended {
-            tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "extending a lease failed");
+        if let Err(error) = store::extend_lease(conn, token, &ids, self.shared.config.lease) {
+            tracing::warn!(relay = %self.shared.name, error = %error, "extending a lease failed");
         }
     }
 
@@ -211,6 +209,7 @@ impl Worker {
     /// would only make them come due again (duplicates).
     fn settle(
         &self,
+        slot: &mut Option<PooledConn>,
         token: i64,
         events: &[StoredEvent],
         outcomes: Vec<Outcome>,
@@ -221,14 +220,18 @@ impl Worker {
         let deadline = Instant::now() + shared.config.lease;
         let mut tries: u32 = 0;
         let settled = loop {
-            let attempt = shared
-                .pool
-                .get()
-                .map_err(Error::from)
-                .and_then(|mut conn| Ok(store::settle(&mut conn, token, &verdicts)?));
+            let attempt = match slot {
+                Some(conn) => store::settle(conn, token, &verdicts).map_err(Error::from),
+                None => shared
+                    .pool
+                    .get()
+                    .map_err(Error::from)
+                    .and_then(|conn| Ok(store::settle(slot.insert(conn), token, &verdicts)?)),
+            };
             match attempt {
                 Ok(settled) => break settled,
                 Err(error) if Instant::now() < deadline && !self.stopping() => {
+                    *slot = None;
                     tries += 1;
                     Counters::add(&shared.counters.errors, 1);
                     tracing::warn!(relay = %shared.name, error = %error_chain(&error), "settling failed; retrying");

@@ -4,6 +4,7 @@
 //! relies on and which locks it takes.
 
 mod migrations;
+mod prepared;
 mod publish;
 mod queue;
 mod relay;

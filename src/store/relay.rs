@@ -1,9 +1,12 @@
 //! The relay's statements: claim a batch, settle it, extend its lease.
 
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::sql_types::Jsonb;
+use diesel::query_builder::AstPass;
+use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
 
+use super::prepared::{Binds, Prepared};
 use super::{micros, StoredRow};
 use crate::event::EventId;
 
@@ -66,8 +69,27 @@ pub(crate) fn claim(
     lease: std::time::Duration,
     topics: &TopicFilter<'_>,
 ) -> QueryResult<Claimed> {
-    use diesel::sql_types::{Array, BigInt, Bool, Text};
-    let rows: Vec<ClaimedRow> = diesel::sql_query(
+    struct ClaimBinds<'a> {
+        limit: i64,
+        relay: &'a str,
+        topics: &'a TopicFilter<'a>,
+        lease_us: i64,
+    }
+    impl Binds for ClaimBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<BigInt, _>(&self.limit),
+                2 => out.push_bind_param::<Text, _>(self.relay),
+                3 => out.push_bind_param::<Bool, _>(&self.topics.all),
+                4 => out.push_bind_param::<Array<Text>, _>(self.topics.exact),
+                5 => out.push_bind_param::<Array<Text>, _>(self.topics.like),
+                6 => out.push_bind_param::<BigInt, _>(&self.lease_us),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct ClaimStatement;
+    let rows: Vec<ClaimedRow> = Prepared::<ClaimStatement, _>::new(
         "WITH token AS (
              SELECT nextval('outbox.claim_tokens') AS value
          ), claimable AS (
@@ -92,13 +114,13 @@ pub(crate) fn claim(
           WHERE e.id = claimable.id
       RETURNING token.value AS token, e.id, e.topic, e.key, e.payload, e.headers,
                 e.created_at, e.available_at, e.attempts, e.last_error",
+        ClaimBinds {
+            limit,
+            relay,
+            topics,
+            lease_us: micros(lease),
+        },
     )
-    .bind::<BigInt, _>(limit)
-    .bind::<Text, _>(relay)
-    .bind::<Bool, _>(topics.all)
-    .bind::<Array<Text>, _>(topics.exact)
-    .bind::<Array<Text>, _>(topics.like)
-    .bind::<BigInt, _>(micros(lease))
     .load(conn)?;
     let token = rows.first().map_or(0, |r| r.token);
     let mut rows: Vec<StoredRow> = rows
@@ -155,13 +177,17 @@ pub(crate) fn settle(
     token: i64,
     verdicts: &[(EventId, Verdict)],
 ) -> QueryResult<Vec<EventId>> {
-    use diesel::sql_types::{Array, BigInt, Text};
-    let mut ids = Vec::with_capacity(verdicts.len());
+    let ids: Vec<i64> = verdicts.iter().map(|(id, _)| id.0).collect();
+    if verdicts
+        .iter()
+        .all(|(_, v)| matches!(v, Verdict::Delivered))
+    {
+        return delete_delivered(conn, token, &ids);
+    }
     let mut kinds = Vec::with_capacity(verdicts.len());
     let mut delays = Vec::with_capacity(verdicts.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(verdicts.len());
-    for (id, verdict) in verdicts {
-        ids.push(id.0);
+    for (_, verdict) in verdicts {
         let (kind, delay, error) = match verdict {
             Verdict::Delivered => ("delivered", 0, None),
             Verdict::Retry { delay, error } => ("retry", micros(*delay), Some(error.as_str())),
@@ -172,7 +198,27 @@ pub(crate) fn settle(
         delays.push(delay);
         errors.push(error);
     }
-    let settled: Vec<SettledId> = diesel::sql_query(
+    struct SettleBinds<'a> {
+        token: i64,
+        ids: &'a [i64],
+        kinds: &'a [&'a str],
+        delays: &'a [i64],
+        errors: &'a [Option<&'a str>],
+    }
+    impl Binds for SettleBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<BigInt, _>(&self.token),
+                2 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
+                3 => out.push_bind_param::<Array<Text>, _>(self.kinds),
+                4 => out.push_bind_param::<Array<BigInt>, _>(self.delays),
+                5 => out.push_bind_param::<Array<Nullable<Text>>, _>(self.errors),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct SettleStatement;
+    let settled: Vec<SettledId> = Prepared::<SettleStatement, _>::new(
         "WITH outcome AS (
              SELECT *
                FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[])
@@ -219,14 +265,48 @@ pub(crate) fn settle(
          UNION ALL SELECT id FROM retried
          UNION ALL SELECT id FROM released
          UNION ALL SELECT id FROM buried",
+        SettleBinds {
+            token,
+            ids: &ids,
+            kinds: &kinds,
+            delays: &delays,
+            errors: &errors,
+        },
     )
-    .bind::<BigInt, _>(token)
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<Text>, _>(&kinds)
-    .bind::<Array<BigInt>, _>(&delays)
-    .bind::<Array<diesel::sql_types::Nullable<Text>>, _>(&errors)
     .load(conn)?;
     Ok(settled.into_iter().map(|s| EventId(s.id)).collect())
+}
+
+/// The common case of [`settle`]: every event of the batch was delivered.
+/// Primary key lookups, fenced by the token like every settle.
+fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryResult<Vec<EventId>> {
+    struct DeleteBinds<'a> {
+        token: i64,
+        ids: &'a [i64],
+    }
+    impl Binds for DeleteBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<BigInt, _>(&self.token),
+                2 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct DeleteDeliveredStatement;
+    let settled: Vec<SettledId> = Prepared::<DeleteDeliveredStatement, _>::new(
+        "DELETE FROM outbox.events
+          WHERE id = ANY($2)
+            AND claim_token = $1
+      RETURNING id",
+        DeleteBinds { token, ids },
+    )
+    .load(conn)?;
+    Ok(settled.into_iter().map(|s| EventId(s.id)).collect())
+}
+
+fn unknown_parameter(n: usize) -> diesel::result::Error {
+    diesel::result::Error::QueryBuilderError(format!("statement has no parameter ${n}").into())
 }
 
 /// Extends the lease of events still held under `token`, for deliveries
