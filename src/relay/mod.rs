@@ -47,7 +47,7 @@ pub(crate) struct Shared {
     pub(crate) pool: PgPool,
     pub(crate) config: Config,
     pub(crate) routes: routing::Routes,
-    pub(crate) filter: routing::ClaimFilter,
+    pub(crate) filter: crate::store::TopicFilter,
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) counters: Counters,
 }

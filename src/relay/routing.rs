@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{excerpt, Error};
 use crate::new_event::validate_topic;
 use crate::sink::Sink;
+use crate::store::TopicFilter;
 
 /// Which topics a route takes: `order.approved` (exactly that topic),
 /// `order.*` (every topic starting with `order.`), or `*` (every topic).
@@ -109,8 +110,8 @@ impl Routes {
     }
 
     /// The claim filter: exact topics and `LIKE` prefixes, or everything.
-    pub(crate) fn claim_filter(&self) -> ClaimFilter {
-        let mut filter = ClaimFilter::default();
+    pub(crate) fn claim_filter(&self) -> TopicFilter {
+        let mut filter = TopicFilter::default();
         for (pattern, _) in &self.routes {
             match pattern {
                 TopicPattern::All => filter.all = true,
@@ -127,14 +128,6 @@ impl Routes {
     pub(crate) fn patterns(&self) -> Vec<String> {
         self.routes.iter().map(|(p, _)| p.to_string()).collect()
     }
-}
-
-/// Owned claim filter built from the routes.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ClaimFilter {
-    pub(crate) all: bool,
-    pub(crate) exact: Vec<String>,
-    pub(crate) like: Vec<String>,
 }
 
 /// Escapes `LIKE` metacharacters (the default escape character is `\`).

@@ -93,19 +93,13 @@ impl Worker {
             Some(conn) => conn,
             None => slot.insert(shared.pool.get()?),
         };
-        let claimed = {
-            store::claim(
-                conn,
-                &shared.name,
-                i64::from(config.batch_size),
-                config.lease,
-                &store::TopicFilter {
-                    all: shared.filter.all,
-                    exact: &shared.filter.exact,
-                    like: &shared.filter.like,
-                },
-            )?
-        };
+        let claimed = store::claim(
+            conn,
+            &shared.name,
+            i64::from(config.batch_size),
+            config.lease,
+            &shared.filter,
+        )?;
         if claimed.rows.is_empty() {
             return Ok(Round::Drained);
         }
@@ -122,10 +116,14 @@ impl Worker {
             match store::stored_event(row) {
                 Ok(event) => events.push(event),
                 // Only a schema mismatch gets here (headers not a string map).
-                Err(error) => outcomes.push(Outcome::dead(
+                Err(error) => outcomes.push(Outcome {
                     id,
-                    format!("unreadable event: {}", error_chain(&error)),
-                )),
+                    event: None,
+                    verdict: Verdict::Dead {
+                        error: format!("unreadable event: {}", error_chain(&error)),
+                    },
+                    error: None,
+                }),
             }
         }
         shared.observer.on_claimed(&events);
@@ -133,7 +131,8 @@ impl Worker {
         let mut lease_renewed = Instant::now();
         for (index, event) in events.iter().enumerate() {
             if self.stopping() {
-                outcomes.extend(events[index..].iter().map(|e| Outcome::release(e.id)));
+                let rest = index..events.len();
+                outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
                 break;
             }
             if lease_renewed.elapsed() > config.lease / 2 {
@@ -141,17 +140,18 @@ impl Worker {
                 self.extend_lease(conn, claimed.token, &events);
                 lease_renewed = Instant::now();
             }
-            outcomes.push(self.deliver(event, rng));
+            outcomes.push(self.deliver(event, index, rng));
         }
         self.settle(slot, claimed.token, &events, outcomes)?;
         Ok(if full { Round::Full } else { Round::Drained })
     }
 
-    fn deliver(&self, event: &StoredEvent, rng: &mut StdRng) -> Outcome {
+    /// Delivers `event` (the batch's `index`th) and decides its verdict.
+    fn deliver(&self, event: &StoredEvent, index: usize, rng: &mut StdRng) -> Outcome {
         let shared = &*self.shared;
         let Some(sink) = shared.routes.sink_for(&event.topic) else {
             // Claims only take routed topics; never deliver what we cannot.
-            return Outcome::release(event.id);
+            return Outcome::release(event, index);
         };
         let result =
             panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(event))).unwrap_or_else(|panic| {
@@ -164,6 +164,7 @@ impl Worker {
             Ok(()) => {
                 return Outcome {
                     id: event.id,
+                    event: Some(index),
                     verdict: Verdict::Delivered,
                     error: None,
                 }
@@ -190,6 +191,7 @@ impl Worker {
         };
         Outcome {
             id: event.id,
+            event: Some(index),
             verdict,
             error: Some(error),
         }
@@ -260,7 +262,8 @@ impl Worker {
                 lost.push(outcome.id);
                 continue;
             }
-            let Some(event) = events.iter().find(|e| e.id == outcome.id) else {
+            let Some(event) = outcome.event.map(|index| &events[index]) else {
+                // An unreadable row: dead-lettered without a StoredEvent.
                 Counters::add(&counters.dead_lettered, 1);
                 continue;
             };
@@ -300,23 +303,19 @@ impl Worker {
 /// One event's verdict, with the sink's error for the observer.
 struct Outcome {
     id: EventId,
+    /// Its index in the batch's events; `None` for a row that could not
+    /// even be read into a `StoredEvent`.
+    event: Option<usize>,
     verdict: Verdict,
     error: Option<DeliveryError>,
 }
 
 impl Outcome {
-    fn release(id: EventId) -> Self {
+    fn release(event: &StoredEvent, index: usize) -> Self {
         Outcome {
-            id,
+            id: event.id,
+            event: Some(index),
             verdict: Verdict::Release,
-            error: None,
-        }
-    }
-
-    fn dead(id: EventId, error: String) -> Self {
-        Outcome {
-            id,
-            verdict: Verdict::Dead { error },
             error: None,
         }
     }

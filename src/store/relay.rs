@@ -17,11 +17,12 @@ pub(crate) struct Claimed {
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
-pub(crate) struct TopicFilter<'a> {
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TopicFilter {
     pub(crate) all: bool,
-    pub(crate) exact: &'a [String],
+    pub(crate) exact: Vec<String>,
     /// `LIKE` patterns (`order.%`), with `%`, `_` and `\` in the prefix escaped.
-    pub(crate) like: &'a [String],
+    pub(crate) like: Vec<String>,
 }
 
 #[derive(QueryableByName)]
@@ -67,12 +68,12 @@ pub(crate) fn claim(
     relay: &str,
     limit: i64,
     lease: std::time::Duration,
-    topics: &TopicFilter<'_>,
+    topics: &TopicFilter,
 ) -> QueryResult<Claimed> {
     struct ClaimBinds<'a> {
         limit: i64,
         relay: &'a str,
-        topics: &'a TopicFilter<'a>,
+        topics: &'a TopicFilter,
         lease_us: i64,
     }
     impl Binds for ClaimBinds<'_> {
@@ -81,8 +82,8 @@ pub(crate) fn claim(
                 1 => out.push_bind_param::<BigInt, _>(&self.limit),
                 2 => out.push_bind_param::<Text, _>(self.relay),
                 3 => out.push_bind_param::<Bool, _>(&self.topics.all),
-                4 => out.push_bind_param::<Array<Text>, _>(self.topics.exact),
-                5 => out.push_bind_param::<Array<Text>, _>(self.topics.like),
+                4 => out.push_bind_param::<Array<Text>, _>(&self.topics.exact),
+                5 => out.push_bind_param::<Array<Text>, _>(&self.topics.like),
                 6 => out.push_bind_param::<BigInt, _>(&self.lease_us),
                 _ => Err(unknown_parameter(n)),
             }

@@ -302,3 +302,28 @@ fn several_relays_on_one_database_deliver_each_event_exactly_once() {
     assert_eq!(calls, ids, "each event reached the sink exactly once");
     assert_eq!(count(&mut conn, "outbox.events"), 0);
 }
+
+#[test]
+fn dropping_the_relay_stops_and_joins_every_thread() {
+    let bed = setup();
+    let (observer, signals) = crate::relay_support::recorder();
+    let relay = bed
+        .relay()
+        .observer(observer)
+        .workers(3)
+        .route("*", |_: &outbox::StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    let ids = bed.publish(&[("t", None)]);
+    assert_eq!(signals.delivered(1), ids);
+    drop(relay);
+    // Every thread held the observer; all are gone once the channel closes.
+    let rest: Vec<Signal> = signals.0.try_iter().collect();
+    assert!(
+        matches!(
+            signals.0.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        ),
+        "{rest:?}"
+    );
+}
