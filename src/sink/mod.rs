@@ -1,6 +1,8 @@
 //! Where events go: the [`Sink`] trait and the verdict it returns.
 
 mod handler;
+#[cfg(feature = "webhook")]
+mod webhook;
 
 use std::fmt;
 use std::time::Duration;
@@ -8,6 +10,8 @@ use std::time::Duration;
 use crate::event::StoredEvent;
 
 pub use handler::Handler;
+#[cfg(feature = "webhook")]
+pub use webhook::{WebhookBuilder, WebhookSink};
 
 /// A destination for events: an HTTP endpoint, a broker, an in-process
 /// handler.

@@ -14,3 +14,5 @@ mod relay_order;
 mod relay_processes;
 mod relay_support;
 mod schema_contract;
+#[cfg(feature = "webhook")]
+mod sink_webhook;
