@@ -1,6 +1,8 @@
 //! Where events go: the [`Sink`] trait and the verdict it returns.
 
 mod handler;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "webhook")]
 mod webhook;
 
@@ -9,6 +11,8 @@ use std::time::Duration;
 
 use crate::event::StoredEvent;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisBuilder, RedisSink};
 pub use handler::Handler;
 #[cfg(feature = "webhook")]
 pub use webhook::{WebhookBuilder, WebhookSink};

@@ -14,5 +14,8 @@ mod relay_order;
 mod relay_processes;
 mod relay_support;
 mod schema_contract;
+#[cfg(feature = "redis")]
+mod sink_redis;
 #[cfg(feature = "webhook")]
 mod sink_webhook;
+mod tcp_proxy;

@@ -1,0 +1,192 @@
+//! Redis Streams: each event is one `XADD` entry.
+//!
+//! Entry fields: `id` (the event id), `topic`, `key` (omitted when the
+//! event has none), `payload` (JSON), `headers` (JSON object), `created_at`
+//! (RFC 3339). The entry id is Redis's own (`*`).
+//!
+//! Delivered once `XADD` returns. Redis Streams have no deduplication: an
+//! event delivered twice (a relay died between `XADD` and settling) is two
+//! entries with the same `id` field, and consumers deduplicate on it.
+
+use std::time::Duration;
+
+use redis::{Client, RedisError};
+
+use super::{DeliveryError, Sink};
+use crate::error::Error;
+use crate::event::StoredEvent;
+
+/// A [`Sink`] that appends events to Redis Streams. Build it with
+/// [`RedisSink::builder`].
+///
+/// ```no_run
+/// let sink = outbox::RedisSink::builder("redis://127.0.0.1:6379")
+///     .stream_prefix("events:") // one stream per topic: events:order.approved
+///     .build()?;
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub struct RedisSink {
+    pool: diesel::r2d2::Pool<Client>,
+    target: Target,
+    timeout: Duration,
+}
+
+enum Target {
+    /// One stream per topic: prefix + topic.
+    PerTopic(String),
+    /// Every event into this stream.
+    Single(String),
+}
+
+/// Settings of a [`RedisSink`].
+#[derive(Debug)]
+pub struct RedisBuilder {
+    url: String,
+    prefix: String,
+    stream: Option<String>,
+    timeout: Duration,
+}
+
+impl RedisSink {
+    /// Default prefix of per-topic stream names.
+    pub const DEFAULT_STREAM_PREFIX: &'static str = "outbox:";
+    /// Default limit on connecting and on each command.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Starts configuring a sink for the Redis server at `url`
+    /// (`redis://[:password@]host[:port][/db]`).
+    pub fn builder(url: impl Into<String>) -> RedisBuilder {
+        RedisBuilder {
+            url: url.into(),
+            prefix: Self::DEFAULT_STREAM_PREFIX.to_owned(),
+            stream: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = match &self.target {
+            Target::PerTopic(prefix) => format!("{prefix}<topic>"),
+            Target::Single(stream) => stream.clone(),
+        };
+        f.debug_struct("RedisSink")
+            .field("stream", &target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBuilder {
+    /// Streams are named `prefix` + topic. Defaults to
+    /// [`RedisSink::DEFAULT_STREAM_PREFIX`] (`outbox:`).
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Appends every event to this one stream instead of one per topic.
+    /// Defaults to one stream per topic.
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = Some(stream.into());
+        self
+    }
+
+    /// Limits connecting and each command; keep it below the relay's lease.
+    /// Defaults to [`RedisSink::DEFAULT_TIMEOUT`] (5 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Checks the settings. Does not connect: a Redis that is down when the
+    /// relay starts is retried like any other outage.
+    pub fn build(self) -> Result<RedisSink, Error> {
+        let client = Client::open(self.url.as_str()).map_err(|e| Error::Config {
+            field: "redis.url",
+            reason: format!(
+                "is not a Redis URL: {}",
+                e.detail().unwrap_or("unrecognised")
+            ),
+        })?;
+        if self.timeout.is_zero() {
+            return Err(Error::Config {
+                field: "redis.timeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        let target = match self.stream {
+            Some(stream) if stream.is_empty() => {
+                return Err(Error::Config {
+                    field: "redis.stream",
+                    reason: "must not be empty".into(),
+                })
+            }
+            Some(stream) => Target::Single(stream),
+            None => Target::PerTopic(self.prefix),
+        };
+        let pool = diesel::r2d2::Pool::builder()
+            .max_size(8)
+            .min_idle(Some(0))
+            .connection_timeout(self.timeout)
+            .build_unchecked(client);
+        Ok(RedisSink {
+            pool,
+            target,
+            timeout: self.timeout,
+        })
+    }
+}
+
+impl Sink for RedisSink {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        let stream = match &self.target {
+            Target::PerTopic(prefix) => format!("{prefix}{}", event.topic),
+            Target::Single(stream) => stream.clone(),
+        };
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| DeliveryError::transient(format!("Redis unreachable: {e}")))?;
+        conn.set_read_timeout(Some(self.timeout))
+            .map_err(redis_error)?;
+        conn.set_write_timeout(Some(self.timeout))
+            .map_err(redis_error)?;
+
+        let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned());
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&stream)
+            .arg("*")
+            .arg("id")
+            .arg(event.id.get())
+            .arg("topic")
+            .arg(&event.topic);
+        if let Some(key) = &event.key {
+            xadd.arg("key").arg(key);
+        }
+        xadd.arg("payload")
+            .arg(event.payload.to_string())
+            .arg("headers")
+            .arg(headers)
+            .arg("created_at")
+            .arg(
+                event
+                    .created_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            );
+        xadd.query::<String>(&mut *conn).map_err(redis_error)?;
+        Ok(())
+    }
+}
+
+/// A key of another type at the stream's name (`WRONGTYPE`) will reject
+/// every retry: permanent. Everything else (I/O, timeouts, a loading, busy,
+/// read-only or out-of-memory server, a full client table) may pass later.
+fn redis_error(error: RedisError) -> DeliveryError {
+    let message = format!("Redis: {error}");
+    if error.code() == Some("WRONGTYPE") {
+        DeliveryError::permanent(message)
+    } else {
+        DeliveryError::transient(message)
+    }
+}

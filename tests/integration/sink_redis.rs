@@ -1,0 +1,200 @@
+//! The Redis Streams sink against the machine's Redis (127.0.0.1:6379),
+//! with stream names unique to each test.
+
+use std::collections::HashMap;
+
+use redis::Commands;
+
+use crate::common::count;
+use crate::relay_support::{dead_letters, setup, RelayBed, Signal, PATIENCE};
+use crate::tcp_proxy::{free_port, TcpProxy};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn redis() -> redis::Connection {
+    redis::Client::open(REDIS)
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// The entries of `stream` as field maps, oldest first.
+fn entries(stream: &str) -> Vec<HashMap<String, String>> {
+    let reply: redis::streams::StreamRangeReply = redis().xrange_all(stream).unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            entry
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// A stream prefix unique to this test database.
+fn prefix(bed: &RelayBed) -> String {
+    format!("{}:", bed.db.name())
+}
+
+fn cleanup(keys: &[String]) {
+    let _: () = redis().del(keys).unwrap();
+}
+
+#[test]
+fn each_event_becomes_one_stream_entry_per_topic() {
+    let bed = setup();
+    let prefix = prefix(&bed);
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream_prefix(&prefix)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_events([
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01"),
+            outbox::NewEvent::dynamic("order.shipped", serde_json::json!({ "order": 7 })),
+        ])
+    })
+    .unwrap();
+    bed.signals.delivered(2);
+    relay.shutdown(PATIENCE).unwrap();
+
+    let approved = entries(&format!("{prefix}order.approved"));
+    let shipped = entries(&format!("{prefix}order.shipped"));
+    cleanup(&[
+        format!("{prefix}order.approved"),
+        format!("{prefix}order.shipped"),
+    ]);
+    assert_eq!(approved.len(), 1);
+    let entry = &approved[0];
+    assert_eq!(entry["id"], ids[0].to_string());
+    assert_eq!(entry["topic"], "order.approved");
+    assert_eq!(entry["key"], "order-7");
+    assert_eq!(entry["payload"], r#"{"order":7}"#);
+    assert_eq!(entry["headers"], r#"{"traceparent":"00-abc-01"}"#);
+    assert!(chrono::DateTime::parse_from_rfc3339(&entry["created_at"]).is_ok());
+    assert_eq!(shipped.len(), 1);
+    assert_eq!(shipped[0]["id"], ids[1].to_string());
+    assert!(
+        !shipped[0].contains_key("key"),
+        "no key field for a keyless event"
+    );
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn one_configured_stream_takes_every_topic() {
+    let bed = setup();
+    let stream = format!("{}all", prefix(&bed));
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream(&stream)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("a", Some("k")), ("b", Some("k"))]);
+    bed.signals.delivered(2);
+    relay.shutdown(PATIENCE).unwrap();
+    let got = entries(&stream);
+    cleanup(&[stream]);
+    let seen: Vec<(String, String)> = got
+        .iter()
+        .map(|e| (e["id"].clone(), e["topic"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ids[0].to_string(), "a".into()),
+            (ids[1].to_string(), "b".into())
+        ]
+    );
+}
+
+#[test]
+fn an_event_delivered_twice_is_two_entries_with_the_same_id() {
+    let bed = setup();
+    let stream = format!("{}dup", prefix(&bed));
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream(&stream)
+        .build()
+        .unwrap();
+    bed.publish(&[("t", None)]);
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    // What happens when a relay dies between XADD and settling: the next
+    // relay delivers the same event again.
+    use outbox::Sink;
+    sink.deliver(&event).unwrap();
+    sink.deliver(&event).unwrap();
+    let got = entries(&stream);
+    cleanup(&[stream]);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["id"], event.id.to_string());
+    assert_eq!(got[1]["id"], event.id.to_string());
+    assert_eq!(got[0]["payload"], got[1]["payload"]);
+}
+
+#[test]
+fn a_key_of_another_type_is_a_permanent_failure() {
+    let bed = setup();
+    let stream = format!("{}not-a-stream", prefix(&bed));
+    let _: () = redis().set(&stream, "a plain string").unwrap();
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream(&stream)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("t", None)]);
+    bed.signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    cleanup(&[stream]);
+    let letters = dead_letters(&mut bed.conn());
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].0, letters[0].2), (ids[0].get(), 1));
+    assert_eq!(
+        letters[0].3,
+        "permanent failure: Redis: \"WRONGTYPE\": Operation against a key holding the wrong kind of value"
+    );
+}
+
+#[test]
+fn an_unreachable_redis_is_retried_with_backoff_until_it_comes_back() {
+    let bed = setup();
+    let stream = format!("{}outage", prefix(&bed));
+    let port = free_port();
+    let sink = outbox::RedisSink::builder(format!("redis://127.0.0.1:{port}"))
+        .stream(&stream)
+        .timeout(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("t", None)]);
+    let seen = bed.signals.until(|s| {
+        s.iter()
+            .filter(|s| matches!(s, Signal::Retry { .. }))
+            .count()
+            == 2
+    });
+    assert!(
+        seen.iter().all(
+            |s| !matches!(s, Signal::Retry { error, .. } if !error.starts_with("Redis unreachable"))
+        ),
+        "{seen:?}"
+    );
+    let _proxy = TcpProxy::start(port, "127.0.0.1:6379");
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    let got = entries(&stream);
+    cleanup(&[stream]);
+    assert!(
+        matches!(seen.last(), Some(Signal::Delivered { id, attempt }) if *id == ids[0] && *attempt >= 3)
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["id"], ids[0].to_string());
+}
