@@ -79,6 +79,8 @@ pub use observe::{NoopObserver, Observer, RelayStats};
 pub use queue::queued_events;
 pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
+#[cfg(feature = "nats")]
+pub use sink::{NatsBuilder, NatsSink};
 #[cfg(feature = "redis")]
 pub use sink::{RedisBuilder, RedisSink};
 #[cfg(feature = "webhook")]

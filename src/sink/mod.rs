@@ -1,6 +1,8 @@
 //! Where events go: the [`Sink`] trait and the verdict it returns.
 
 mod handler;
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "webhook")]
@@ -14,6 +16,8 @@ use crate::event::StoredEvent;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBuilder, RedisSink};
 pub use handler::Handler;
+#[cfg(feature = "nats")]
+pub use nats::{NatsBuilder, NatsSink};
 #[cfg(feature = "webhook")]
 pub use webhook::{WebhookBuilder, WebhookSink};
 

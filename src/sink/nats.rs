@@ -1,0 +1,228 @@
+//! NATS JetStream: each event is one message on `<prefix>.<topic>`,
+//! delivered once the stream's PubAck arrives.
+//!
+//! The message body is the JSON payload. Headers: `Nats-Msg-Id` (the event
+//! id: JetStream drops a second message with the same id within the
+//! stream's duplicate window, 2 minutes by default), `outbox-topic`,
+//! `outbox-attempt`, `outbox-key` (when the event has one), and every event
+//! header.
+//!
+//! A subject that no stream captures is a transient failure with a clear
+//! message ("no JetStream stream captures subject …"): creating the stream
+//! lets the retries through, and the relay dead-letters the event after its
+//! last attempt otherwise.
+//!
+//! The client (`async-nats`) is asynchronous; its tokio runtime (one thread)
+//! stays inside the sink, whose API is synchronous like every other sink.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{DeliveryError, Sink};
+use crate::error::{excerpt, Error};
+use crate::event::StoredEvent;
+
+/// A [`Sink`] that publishes to NATS JetStream. Build it with
+/// [`NatsSink::builder`].
+///
+/// ```no_run
+/// let sink = outbox::NatsSink::builder("nats://127.0.0.1:4222", "outbox").build()?;
+/// // Topic order.approved is published on subject outbox.order.approved.
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub struct NatsSink {
+    runtime: tokio::runtime::Runtime,
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    /// Connected on first use, and again after a failed connection attempt.
+    context: Mutex<Option<Context>>,
+}
+
+impl std::fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("subject_prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of a [`NatsSink`].
+#[derive(Debug)]
+pub struct NatsBuilder {
+    url: String,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl NatsSink {
+    /// Default limit on connecting and on waiting for each PubAck.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Starts configuring a sink for the NATS server at `url`, publishing
+    /// topic `t` on subject `<subject_prefix>.t`.
+    pub fn builder(url: impl Into<String>, subject_prefix: impl Into<String>) -> NatsBuilder {
+        NatsBuilder {
+            url: url.into(),
+            prefix: subject_prefix.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl NatsBuilder {
+    /// Limits connecting and waiting for each PubAck; keep it below the
+    /// relay's lease. Defaults to [`NatsSink::DEFAULT_TIMEOUT`] (5 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and starts the client's runtime. Does not
+    /// connect: a server that is down is retried like any other outage.
+    pub fn build(self) -> Result<NatsSink, Error> {
+        let config = |field, reason: String| Error::Config { field, reason };
+        if !valid_subject(&self.prefix) {
+            return Err(config(
+                "nats.subject_prefix",
+                format!("{:?} is not a NATS subject", excerpt(&self.prefix)),
+            ));
+        }
+        if self.url.is_empty() {
+            return Err(config("nats.url", "must not be empty".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(config("nats.timeout", "must be greater than zero".into()));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("outbox-nats")
+            .enable_all()
+            .build()
+            .map_err(|e| config("nats", format!("could not start the client runtime: {e}")))?;
+        Ok(NatsSink {
+            runtime,
+            url: self.url,
+            prefix: self.prefix,
+            timeout: self.timeout,
+            context: Mutex::new(None),
+        })
+    }
+}
+
+impl NatsSink {
+    fn context(&self) -> Result<Context, DeliveryError> {
+        let mut slot = self
+            .context
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(context) = &*slot {
+            return Ok(context.clone());
+        }
+        let options = async_nats::ConnectOptions::new().connection_timeout(self.timeout);
+        let context = self
+            .runtime
+            .block_on(async {
+                // Inside the runtime: the JetStream context starts a task.
+                let client = options.connect(self.url.as_str()).await?;
+                Ok::<_, async_nats::ConnectError>(async_nats::jetstream::new(client))
+            })
+            .map_err(|e| DeliveryError::transient(format!("NATS unreachable: {e}")))?;
+        *slot = Some(context.clone());
+        Ok(context)
+    }
+
+    fn headers(event: &StoredEvent) -> Result<HeaderMap, DeliveryError> {
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &str, value: &str| -> Result<(), DeliveryError> {
+            let name: HeaderName = name.parse().map_err(|_| {
+                DeliveryError::permanent(format!(
+                    "{:?} is not a valid NATS header name",
+                    excerpt(name)
+                ))
+            })?;
+            let value: HeaderValue = value.parse().map_err(|_| {
+                DeliveryError::permanent(format!("header {name} has a value NATS cannot carry"))
+            })?;
+            headers.insert(name, value);
+            Ok(())
+        };
+        for (name, value) in &event.headers {
+            put(name, value)?;
+        }
+        put("Nats-Msg-Id", &event.id.to_string())?;
+        put("outbox-topic", &event.topic)?;
+        put("outbox-attempt", &event.attempts.to_string())?;
+        if let Some(key) = &event.key {
+            put("outbox-key", key)?;
+        }
+        Ok(headers)
+    }
+}
+
+impl Sink for NatsSink {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        let subject = format!("{}.{}", self.prefix, event.topic);
+        if !valid_subject(&subject) {
+            return Err(DeliveryError::permanent(format!(
+                "topic {:?} does not make a NATS subject",
+                excerpt(&event.topic)
+            )));
+        }
+        let headers = Self::headers(event)?;
+        let body = event.payload.to_string().into_bytes();
+        let context = self.context()?;
+        let published = self.runtime.block_on(async {
+            let publish = async {
+                context
+                    .publish_with_headers(subject.clone(), headers, body.into())
+                    .await?
+                    .await
+            };
+            tokio::time::timeout(self.timeout, publish).await
+        });
+        match published {
+            Ok(Ok(_ack)) => Ok(()),
+            Ok(Err(error)) => Err(match error.kind() {
+                PublishErrorKind::StreamNotFound => DeliveryError::transient(format!(
+                    "no JetStream stream captures subject {subject}"
+                )),
+                PublishErrorKind::MaxPayloadExceeded => {
+                    DeliveryError::permanent(format!("NATS: {error}"))
+                }
+                _ => DeliveryError::transient(format!("NATS: {error}")),
+            }),
+            Err(_) => Err(DeliveryError::transient(format!(
+                "NATS: no PubAck within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Dot-separated non-empty tokens, no whitespace, no wildcards.
+fn valid_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && !token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '*' || c == '>')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_subject;
+
+    #[test]
+    fn subjects_are_checked() {
+        assert!(valid_subject("outbox.order.approved"));
+        for bad in ["", "a..b", ".a", "a.", "a b", "a.*", "a.>", "a\tb"] {
+            assert!(!valid_subject(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The NATS JetStream sink against the machine's NATS server
+//! (127.0.0.1:4222, JetStream on), with a stream of its own per test.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use outbox::Sink;
+
+use crate::common::count;
+use crate::relay_support::{setup, RelayBed, Signal, PATIENCE};
+use crate::tcp_proxy::{free_port, TcpProxy};
+
+const NATS: &str = "nats://127.0.0.1:4222";
+
+/// A JetStream stream owned by one test, deleted when dropped.
+struct Stream {
+    runtime: tokio::runtime::Runtime,
+    context: jetstream::Context,
+    name: String,
+    prefix: String,
+}
+
+impl Stream {
+    /// The subject prefix for `bed`; the stream is not created yet.
+    fn for_bed(bed: &RelayBed) -> Stream {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let context =
+            runtime.block_on(async { jetstream::new(async_nats::connect(NATS).await.unwrap()) });
+        let prefix = bed.db.name().to_owned();
+        Stream {
+            runtime,
+            context,
+            name: prefix.to_uppercase(),
+            prefix,
+        }
+    }
+
+    fn create(&self) {
+        self.runtime
+            .block_on(self.context.create_stream(stream::Config {
+                name: self.name.clone(),
+                subjects: vec![format!("{}.>", self.prefix)],
+                ..Default::default()
+            }))
+            .unwrap();
+    }
+
+    /// Every message: (subject, Nats-Msg-Id, outbox-key, payload).
+    fn messages(&self) -> Vec<(String, String, Option<String>, String)> {
+        self.runtime.block_on(async {
+            let mut stream = self.context.get_stream(&self.name).await.unwrap();
+            let total = stream.info().await.unwrap().state.messages;
+            let mut out = Vec::new();
+            for seq in 1..=total {
+                let m = stream.get_raw_message(seq).await.unwrap();
+                let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
+                out.push((
+                    m.subject.to_string(),
+                    header("Nats-Msg-Id").unwrap(),
+                    header("outbox-key"),
+                    String::from_utf8(m.payload.to_vec()).unwrap(),
+                ));
+            }
+            out
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self
+            .runtime
+            .block_on(self.context.delete_stream(&self.name));
+    }
+}
+
+#[test]
+fn events_are_published_and_acknowledged_on_prefix_dot_topic() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    stream.create();
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("order.approved", Some("order-7")), ("order.shipped", None)]);
+    bed.signals.delivered(2);
+    relay.shutdown(PATIENCE).unwrap();
+    let mut messages = stream.messages();
+    messages.sort();
+    assert_eq!(
+        messages,
+        [
+            (
+                format!("{}.order.approved", stream.prefix),
+                ids[0].to_string(),
+                Some("order-7".into()),
+                r#"{"n":0}"#.into()
+            ),
+            (
+                format!("{}.order.shipped", stream.prefix),
+                ids[1].to_string(),
+                None,
+                r#"{"n":1}"#.into()
+            ),
+        ]
+    );
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn relaying_the_same_event_twice_leaves_one_message_in_the_stream() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    stream.create();
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .build()
+        .unwrap();
+    bed.publish(&[("order.approved", None)]);
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    // A relay that died after the PubAck but before settling: the next
+    // relay publishes the same event again, with the same Nats-Msg-Id.
+    sink.deliver(&event).unwrap();
+    sink.deliver(&event).unwrap();
+    let messages = stream.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].1, event.id.to_string());
+}
+
+#[test]
+fn a_missing_stream_is_a_clear_error_retried_until_the_stream_exists() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("order.approved", None)]);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Retry { .. })));
+    let Some(Signal::Retry { error, .. }) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(
+        error,
+        &format!(
+            "no JetStream stream captures subject {}.order.approved",
+            stream.prefix
+        )
+    );
+    stream.create();
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    assert!(matches!(seen.last(), Some(Signal::Delivered { id, .. }) if *id == ids[0]));
+    assert_eq!(stream.messages().len(), 1);
+}
+
+#[test]
+fn an_unreachable_server_is_retried_with_backoff_until_it_comes_back() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    stream.create();
+    let port = free_port();
+    let sink = outbox::NatsSink::builder(format!("nats://127.0.0.1:{port}"), &stream.prefix)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("t", None)]);
+    let seen = bed.signals.until(|s| {
+        s.iter()
+            .filter(|s| matches!(s, Signal::Retry { .. }))
+            .count()
+            == 2
+    });
+    for signal in &seen {
+        if let Signal::Retry { error, .. } = signal {
+            assert!(error.starts_with("NATS unreachable"), "{error}");
+        }
+    }
+    let _proxy = TcpProxy::start(port, "127.0.0.1:4222");
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    assert!(
+        matches!(seen.last(), Some(Signal::Delivered { id, attempt }) if *id == ids[0] && *attempt >= 3)
+    );
+    assert_eq!(stream.messages().len(), 1);
+}
