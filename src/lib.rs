@@ -78,6 +78,8 @@ pub use new_event::{validate_topic, NewEvent, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use queue::queued_events;
 pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};
+#[cfg(feature = "amqp")]
+pub use sink::{AmqpBuilder, AmqpSink};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
 #[cfg(feature = "nats")]
 pub use sink::{NatsBuilder, NatsSink};

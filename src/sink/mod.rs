@@ -1,5 +1,7 @@
 //! Where events go: the [`Sink`] trait and the verdict it returns.
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod handler;
 #[cfg(feature = "nats")]
 mod nats;
@@ -15,6 +17,8 @@ use crate::event::StoredEvent;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBuilder, RedisSink};
+#[cfg(feature = "amqp")]
+pub use amqp::{AmqpBuilder, AmqpSink};
 pub use handler::Handler;
 #[cfg(feature = "nats")]
 pub use nats::{NatsBuilder, NatsSink};

@@ -14,6 +14,8 @@ mod relay_order;
 mod relay_processes;
 mod relay_support;
 mod schema_contract;
+#[cfg(feature = "amqp")]
+mod sink_amqp;
 #[cfg(feature = "nats")]
 mod sink_nats;
 #[cfg(feature = "redis")]

@@ -1,0 +1,267 @@
+//! RabbitMQ (AMQP 0-9-1): each event is one persistent message, delivered
+//! once the broker confirms it (publisher confirms).
+//!
+//! Published to the configured exchange with the topic as routing key (or a
+//! fixed routing key), `mandatory` set. Properties: `message_id` = the
+//! event id (consumers deduplicate on it), `delivery_mode` 2 (persistent),
+//! `content_type` `application/json`, `timestamp` = publish time; headers
+//! `outbox-topic`, `outbox-attempt`, `outbox-key` (when the event has one)
+//! and every event header. The body is the JSON payload.
+//!
+//! Outcomes:
+//!
+//! | broker answer | verdict |
+//! |---|---|
+//! | ack | delivered |
+//! | ack, but the message came back unroutable (no queue bound for the routing key) | transient: "unroutable …"; binding a queue lets the retries through |
+//! | nack (the broker could not take it) | transient |
+//! | the exchange does not exist (channel closed with 404) | transient: "exchange … not found" |
+//! | connection lost, timeout | transient; the sink reconnects on the next delivery |
+//!
+//! The client (`lapin`) is asynchronous; its tokio runtime (one thread)
+//! stays inside the sink, whose API is synchronous like every other sink.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use super::{DeliveryError, Sink};
+use crate::error::{excerpt, Error};
+use crate::event::StoredEvent;
+
+/// A [`Sink`] that publishes to a RabbitMQ exchange. Build it with
+/// [`AmqpSink::builder`].
+///
+/// ```no_run
+/// let sink = outbox::AmqpSink::builder("amqp://guest:guest@127.0.0.1:5672/%2f", "events").build()?;
+/// // Topic order.approved goes to exchange "events" with routing key order.approved.
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub struct AmqpSink {
+    runtime: tokio::runtime::Runtime,
+    url: String,
+    exchange: String,
+    routing_key: Option<String>,
+    timeout: Duration,
+    /// Opened on first use, and again after any failure.
+    open: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl std::fmt::Debug for AmqpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it carries the password.
+        f.debug_struct("AmqpSink")
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of an [`AmqpSink`].
+#[derive(Debug)]
+pub struct AmqpBuilder {
+    url: String,
+    exchange: String,
+    routing_key: Option<String>,
+    timeout: Duration,
+}
+
+impl AmqpSink {
+    /// Default limit on connecting and on waiting for each confirm.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Starts configuring a sink that publishes to `exchange` on the broker
+    /// at `url` (`amqp://user:password@host:port/vhost`).
+    pub fn builder(url: impl Into<String>, exchange: impl Into<String>) -> AmqpBuilder {
+        AmqpBuilder {
+            url: url.into(),
+            exchange: exchange.into(),
+            routing_key: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl AmqpBuilder {
+    /// Publishes every event with this routing key instead of its topic.
+    /// Defaults to the topic.
+    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
+        self.routing_key = Some(key.into());
+        self
+    }
+
+    /// Limits connecting and waiting for each confirm; keep it below the
+    /// relay's lease. Defaults to [`AmqpSink::DEFAULT_TIMEOUT`] (5 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and starts the client's runtime. Does not
+    /// connect: a broker that is down is retried like any other outage.
+    pub fn build(self) -> Result<AmqpSink, Error> {
+        let config = |field, reason: String| Error::Config { field, reason };
+        if self.url.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(config(
+                "amqp.url",
+                "is not an amqp:// or amqps:// URL".into(),
+            ));
+        }
+        if self.exchange.len() > 255 {
+            return Err(config("amqp.exchange", "is longer than 255 bytes".into()));
+        }
+        if self.routing_key.as_ref().is_some_and(|k| k.len() > 255) {
+            return Err(config(
+                "amqp.routing_key",
+                "is longer than 255 bytes".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(config("amqp.timeout", "must be greater than zero".into()));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("outbox-amqp")
+            .enable_all()
+            .build()
+            .map_err(|e| config("amqp", format!("could not start the client runtime: {e}")))?;
+        Ok(AmqpSink {
+            runtime,
+            url: self.url,
+            exchange: self.exchange,
+            routing_key: self.routing_key,
+            timeout: self.timeout,
+            open: Mutex::new(None),
+        })
+    }
+}
+
+impl AmqpSink {
+    /// The open channel (in confirm mode), opening it if needed.
+    async fn channel(&self) -> Result<Channel, DeliveryError> {
+        if let Some((_, channel)) = &*self.lock() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| DeliveryError::transient(format!("RabbitMQ unreachable: {e}")))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| DeliveryError::transient(format!("RabbitMQ: opening a channel: {e}")))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| DeliveryError::transient(format!("RabbitMQ: enabling confirms: {e}")))?;
+        *self.lock() = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Connection, Channel)>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn properties(event: &StoredEvent) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        let mut put = |name: &str, value: &str| {
+            headers.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+        };
+        for (name, value) in &event.headers {
+            put(name, value);
+        }
+        put("outbox-topic", &event.topic);
+        put("outbox-attempt", &event.attempts.to_string());
+        if let Some(key) = &event.key {
+            put("outbox-key", key);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        BasicProperties::default()
+            .with_message_id(event.id.to_string().into())
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_timestamp(now)
+            .with_headers(headers)
+    }
+
+    async fn publish(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        let routing_key = self.routing_key.as_deref().unwrap_or(&event.topic);
+        if event.headers.keys().any(|name| name.len() > 255) {
+            return Err(DeliveryError::permanent(
+                "an event header name is longer than AMQP allows (255 bytes)",
+            ));
+        }
+        let channel = self.channel().await?;
+        let body = event.payload.to_string();
+        let confirm = channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body.as_bytes(),
+                Self::properties(event),
+            )
+            .await
+            .map_err(|e| self.failed(e))?
+            .await
+            .map_err(|e| self.failed(e))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(DeliveryError::transient(format!(
+                "unroutable: no queue is bound to exchange {:?} for routing key {:?} ({} {})",
+                self.exchange, routing_key, returned.reply_code, returned.reply_text
+            ))),
+            Confirmation::Nack(_) => Err(DeliveryError::transient(format!(
+                "RabbitMQ refused the message (nack) on exchange {:?}",
+                self.exchange
+            ))),
+            Confirmation::NotRequested => Err(DeliveryError::transient(
+                "RabbitMQ did not confirm the message",
+            )),
+        }
+    }
+
+    /// Forgets the connection after an error (the channel is closed by the
+    /// broker on most of them) and explains it.
+    fn failed(&self, error: lapin::Error) -> DeliveryError {
+        self.lock().take();
+        let message = error.to_string();
+        if message.contains("NOT_FOUND") {
+            DeliveryError::transient(format!(
+                "RabbitMQ: exchange {:?} not found: {}",
+                excerpt(&self.exchange),
+                message
+            ))
+        } else {
+            DeliveryError::transient(format!("RabbitMQ: {message}"))
+        }
+    }
+}
+
+impl Sink for AmqpSink {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self.runtime.block_on(async {
+            match tokio::time::timeout(self.timeout, self.publish(event)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.lock().take();
+                    Err(DeliveryError::transient(format!(
+                        "RabbitMQ: no confirm within {:?}",
+                        self.timeout
+                    )))
+                }
+            }
+        })
+    }
+}

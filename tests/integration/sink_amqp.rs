@@ -1,0 +1,275 @@
+//! The RabbitMQ sink against the machine's broker (guest/guest at
+//! 127.0.0.1:5672), with an exchange and a queue of its own per test.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::common::count;
+use crate::relay_support::{setup, RelayBed, Signal, PATIENCE};
+use crate::tcp_proxy::{free_port, TcpProxy};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A message as the queue holds it.
+#[derive(Debug, PartialEq)]
+struct Got {
+    routing_key: String,
+    message_id: String,
+    persistent: bool,
+    key: Option<String>,
+    body: String,
+}
+
+/// An exchange (topic) and a queue owned by one test, deleted when dropped.
+struct Broker {
+    runtime: tokio::runtime::Runtime,
+    channel: Channel,
+    _connection: Connection,
+    name: String,
+}
+
+impl Broker {
+    fn for_bed(bed: &RelayBed) -> Broker {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (connection, channel) = runtime.block_on(async {
+            let connection = Connection::connect(AMQP, ConnectionProperties::default())
+                .await
+                .unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            (connection, channel)
+        });
+        let broker = Broker {
+            runtime,
+            channel,
+            _connection: connection,
+            name: bed.db.name().to_owned(),
+        };
+        broker.runtime.block_on(async {
+            broker
+                .channel
+                .exchange_declare(
+                    broker.name.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            broker
+                .channel
+                .queue_declare(
+                    broker.name.as_str().into(),
+                    QueueDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        });
+        broker
+    }
+
+    /// Routes every routing key of the exchange to the queue.
+    fn bind(&self) {
+        self.runtime
+            .block_on(self.channel.queue_bind(
+                self.name.as_str().into(),
+                self.name.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ))
+            .unwrap();
+    }
+
+    /// Takes every message from the queue.
+    fn drain(&self) -> Vec<Got> {
+        self.runtime.block_on(async {
+            let mut out = Vec::new();
+            while let Some(message) = self
+                .channel
+                .basic_get(self.name.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                let d = message.delivery;
+                let key = d.properties.headers().as_ref().and_then(|h| {
+                    match h.inner().get("outbox-key") {
+                        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                        _ => None,
+                    }
+                });
+                out.push(Got {
+                    routing_key: d.routing_key.to_string(),
+                    message_id: d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                    persistent: *d.properties.delivery_mode() == Some(2),
+                    key,
+                    body: String::from_utf8(d.data).unwrap(),
+                });
+            }
+            out
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.runtime.block_on(async {
+            let _ = self
+                .channel
+                .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            self.channel
+                .exchange_delete(self.name.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+        });
+    }
+}
+
+#[test]
+fn events_are_published_persistent_and_confirmed() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    broker.bind();
+    let sink = outbox::AmqpSink::builder(AMQP, &broker.name)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("order.approved", Some("order-7")), ("order.shipped", None)]);
+    bed.signals.delivered(2);
+    relay.shutdown(PATIENCE).unwrap();
+    let mut got = broker.drain();
+    got.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    assert_eq!(
+        got,
+        [
+            Got {
+                routing_key: "order.approved".into(),
+                message_id: ids[0].to_string(),
+                persistent: true,
+                key: Some("order-7".into()),
+                body: r#"{"n":0}"#.into(),
+            },
+            Got {
+                routing_key: "order.shipped".into(),
+                message_id: ids[1].to_string(),
+                persistent: true,
+                key: None,
+                body: r#"{"n":1}"#.into(),
+            },
+        ]
+    );
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn an_unroutable_message_is_retried_until_a_queue_is_bound() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    let sink = outbox::AmqpSink::builder(AMQP, &broker.name)
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("order.approved", None)]);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Retry { .. })));
+    let Some(Signal::Retry { error, .. }) = seen.last() else {
+        unreachable!()
+    };
+    assert_eq!(
+        error,
+        &format!(
+            "unroutable: no queue is bound to exchange {:?} for routing key \"order.approved\" (312 NO_ROUTE)",
+            broker.name
+        )
+    );
+    broker.bind();
+    bed.signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    let got = broker.drain();
+    assert_eq!(got.len(), 1, "the unroutable attempts left nothing behind");
+    assert_eq!(got[0].message_id, ids[0].to_string());
+}
+
+#[test]
+fn a_missing_exchange_is_a_clear_transient_error() {
+    let bed = setup();
+    let exchange = format!("{}_missing", bed.db.name());
+    let sink = outbox::AmqpSink::builder(AMQP, &exchange).build().unwrap();
+    let relay = bed
+        .relay()
+        .max_attempts(2)
+        .route("*", sink)
+        .start()
+        .unwrap();
+    bed.publish(&[("t", None)]);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    let Some(Signal::Dead { error, .. }) = seen.last() else {
+        unreachable!()
+    };
+    assert!(
+        error.starts_with(&format!(
+            "gave up after 2 attempts: RabbitMQ: exchange {exchange:?} not found"
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_unreachable_broker_is_retried_with_backoff_until_it_comes_back() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    broker.bind();
+    let port = free_port();
+    let sink = outbox::AmqpSink::builder(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        &broker.name,
+    )
+    .timeout(Duration::from_secs(2))
+    .build()
+    .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[("t", None)]);
+    let seen = bed.signals.until(|s| {
+        s.iter()
+            .filter(|s| matches!(s, Signal::Retry { .. }))
+            .count()
+            == 2
+    });
+    for signal in &seen {
+        if let Signal::Retry { error, .. } = signal {
+            assert!(error.starts_with("RabbitMQ unreachable"), "{error}");
+            assert!(
+                !error.contains("guest:guest"),
+                "the password leaked: {error}"
+            );
+        }
+    }
+    let _proxy = TcpProxy::start(port, "127.0.0.1:5672");
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    assert!(
+        matches!(seen.last(), Some(Signal::Delivered { id, attempt }) if *id == ids[0] && *attempt >= 3)
+    );
+    assert_eq!(broker.drain().len(), 1);
+}
