@@ -41,15 +41,19 @@ impl Worker {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
         let mut failures: u32 = 0;
-        // The worker's own connection, kept across rounds: checking one out
-        // of the pool per statement would cost the pool's validation query
-        // each time. Dropped (back to the pool, which tests it) on any error.
-        let mut conn: Option<PooledConn> = None;
         loop {
             if self.stopping() {
                 return;
             }
-            match self.round(&mut conn, &mut rng) {
+            // One pooled connection per round, for the claim, any lease
+            // renewal and the settle (checking one out per statement would
+            // cost the pool's validation query each time), given back when
+            // the round ends so the pool is shared fairly with the
+            // application.
+            let mut conn: Option<PooledConn> = None;
+            let round = self.round(&mut conn, &mut rng);
+            drop(conn);
+            match round {
                 Ok(round) => {
                     if failures > 0 {
                         failures = 0;
@@ -67,7 +71,6 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    conn = None;
                     failures = failures.saturating_add(1);
                     Counters::add(&self.shared.counters.errors, 1);
                     tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "claiming or settling failed; retrying");
@@ -112,15 +115,17 @@ impl Worker {
         let mut events = Vec::with_capacity(claimed.rows.len());
         let mut outcomes = Vec::with_capacity(claimed.rows.len());
         for row in claimed.rows {
-            let id = EventId(row.0);
-            match store::stored_event(row) {
+            let id = row.id();
+            match row.into_event() {
                 Ok(event) => events.push(event),
-                // Only a schema mismatch gets here (headers not a string map).
-                Err(error) => outcomes.push(Outcome {
+                // Valid jsonb that serde_json refuses (1e400, very deep
+                // nesting): no sink can be given it, so it dies at once
+                // instead of failing the batch on every claim.
+                Err(reason) => outcomes.push(Outcome {
                     id,
                     event: None,
                     verdict: Verdict::Dead {
-                        error: format!("unreadable event: {}", error_chain(&error)),
+                        error: format!("unreadable event: {reason}"),
                     },
                     error: None,
                 }),
@@ -128,22 +133,37 @@ impl Worker {
         }
         shared.observer.on_claimed(&events);
 
-        let mut lease_renewed = Instant::now();
+        let mut lease = LeaseKeeper::new(config.lease);
         for (index, event) in events.iter().enumerate() {
             if self.stopping() {
                 let rest = index..events.len();
                 outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
                 break;
             }
-            if lease_renewed.elapsed() > config.lease / 2 {
+            if lease.due() {
                 // The whole batch: delivered events stay held until the settle.
-                self.extend_lease(conn, claimed.token, &events);
-                lease_renewed = Instant::now();
+                match self.extend_lease(conn, claimed.token, &events) {
+                    Some(held) => lease.renewed(held),
+                    None => lease.renewal_failed(),
+                }
             }
+            if !lease.holds(event.id) {
+                // Another relay took it over: delivering would only duplicate.
+                outcomes.push(Outcome::release(event, index));
+                continue;
+            }
+            let started = Instant::now();
             outcomes.push(self.deliver(event, index, rng));
+            lease.observe_call(started.elapsed());
         }
+        // A delivered or dead keyed event may unblock the next of its key:
+        // look again at once instead of waiting for the poll.
+        let unblocked = outcomes.iter().any(|o| {
+            matches!(o.verdict, Verdict::Delivered | Verdict::Dead { .. })
+                && o.event.is_some_and(|i| events[i].key.is_some())
+        });
         self.settle(slot, claimed.token, &events, outcomes)?;
-        Ok(if full { Round::Full } else { Round::Drained })
+        Ok(if full || unblocked { Round::Full } else { Round::Drained })
     }
 
     /// Delivers `event` (the batch's `index`th) and decides its verdict.
@@ -199,10 +219,19 @@ impl Worker {
 
     /// Renews the lease of a batch. Best effort: if it fails the lease may
     /// run out, and the settle's fencing keeps that safe.
-    fn extend_lease(&self, conn: &mut PgConnection, token: i64, batch: &[StoredEvent]) {
+    fn extend_lease(
+        &self,
+        conn: &mut PgConnection,
+        token: i64,
+        batch: &[StoredEvent],
+    ) -> Option<Vec<EventId>> {
         let ids: Vec<EventId> = batch.iter().map(|e| e.id).collect();
-        if let Err(error) = store::extend_lease(conn, token, &ids, self.shared.config.lease) {
-            tracing::warn!(relay = %self.shared.name, error = %error, "extending a lease failed");
+        match store::extend_lease(conn, token, &ids, self.shared.config.lease) {
+            Ok(held) => Some(held),
+            Err(error) => {
+                tracing::warn!(relay = %self.shared.name, error = %error, "extending a lease failed");
+                None
+            }
         }
     }
 
@@ -297,6 +326,54 @@ impl Worker {
             tracing::warn!(relay = %shared.name, events = ?lost, "lease lost before settling; another relay holds these events");
             shared.observer.on_lease_lost(&lost);
         }
+    }
+}
+
+/// When to renew a batch's lease, and which events it still holds.
+///
+/// A sink call cannot be interrupted, so the lease is renewed *before* a
+/// call whenever the call might outlast what is left of it: when half the
+/// lease has passed, or when what is left is less than twice the longest
+/// call seen so far in this batch.
+struct LeaseKeeper {
+    lease: Duration,
+    renewed_at: Instant,
+    longest_call: Duration,
+    /// `None` while the whole batch is held (nothing renewed yet).
+    held: Option<std::collections::HashSet<EventId>>,
+}
+
+impl LeaseKeeper {
+    fn new(lease: Duration) -> Self {
+        LeaseKeeper {
+            lease,
+            renewed_at: Instant::now(),
+            longest_call: Duration::ZERO,
+            held: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        let elapsed = self.renewed_at.elapsed();
+        elapsed > self.lease / 2 || elapsed + self.longest_call * 2 > self.lease
+    }
+
+    fn renewed(&mut self, held: Vec<EventId>) {
+        self.renewed_at = Instant::now();
+        self.held = Some(held.into_iter().collect());
+    }
+
+    /// Best effort: carry on; the settle's fencing keeps a lost lease safe.
+    fn renewal_failed(&mut self) {
+        self.renewed_at = Instant::now();
+    }
+
+    fn holds(&self, id: EventId) -> bool {
+        self.held.as_ref().is_none_or(|held| held.contains(&id))
+    }
+
+    fn observe_call(&mut self, took: Duration) {
+        self.longest_call = self.longest_call.max(took);
     }
 }
 

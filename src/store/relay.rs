@@ -4,16 +4,16 @@ use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::AstPass;
-use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 
 use super::prepared::{Binds, Prepared};
-use super::{micros, StoredRow};
-use crate::event::EventId;
+use super::micros;
+use crate::event::{EventId, StoredEvent};
 
-/// A claimed batch: its fencing token and its events.
+/// A claimed batch: its fencing token and its rows, id order.
 pub(crate) struct Claimed {
     pub(crate) token: i64,
-    pub(crate) rows: Vec<StoredRow>,
+    pub(crate) rows: Vec<ClaimedRow>,
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
@@ -25,8 +25,12 @@ pub(crate) struct TopicFilter {
     pub(crate) like: Vec<String>,
 }
 
+/// A claimed row. Payload and headers arrive as JSON *text* and are parsed
+/// one row at a time ([`ClaimedRow::into_event`]): jsonb accepts documents
+/// serde_json refuses (`1e400`, nesting deeper than 128), and decoding them
+/// inside the query would fail the whole batch, every time, forever.
 #[derive(QueryableByName)]
-struct ClaimedRow {
+pub(crate) struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     token: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -35,10 +39,10 @@ struct ClaimedRow {
     topic: String,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     key: Option<String>,
-    #[diesel(sql_type = Jsonb)]
-    payload: serde_json::Value,
-    #[diesel(sql_type = Jsonb)]
-    headers: serde_json::Value,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = Text)]
+    headers: String,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
     created_at: DateTime<Utc>,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
@@ -113,8 +117,9 @@ pub(crate) fn claim(
                 available_at = now() + $6 * interval '1 microsecond'
            FROM claimable, token
           WHERE e.id = claimable.id
-      RETURNING token.value AS token, e.id, e.topic, e.key, e.payload, e.headers,
-                e.created_at, e.available_at, e.attempts, e.last_error",
+      RETURNING token.value AS token, e.id, e.topic, e.key, e.payload::text AS payload,
+                e.headers::text AS headers, e.created_at, e.available_at, e.attempts,
+                e.last_error",
         ClaimBinds {
             limit,
             relay,
@@ -123,25 +128,36 @@ pub(crate) fn claim(
         },
     )
     .load(conn)?;
-    let token = rows.first().map_or(0, |r| r.token);
-    let mut rows: Vec<StoredRow> = rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.id,
-                r.topic,
-                r.key,
-                r.payload,
-                r.headers,
-                r.created_at,
-                r.available_at,
-                r.attempts,
-                r.last_error,
-            )
-        })
-        .collect();
-    rows.sort_unstable_by_key(|r| r.0);
+    let token = rows.first().map_or(0, |r: &ClaimedRow| r.token);
+    let mut rows = rows;
+    rows.sort_unstable_by_key(|r| r.id);
     Ok(Claimed { token, rows })
+}
+
+impl ClaimedRow {
+    /// The event id, readable whatever the payload holds.
+    pub(crate) fn id(&self) -> EventId {
+        EventId(self.id)
+    }
+
+    /// Parses the row into a [`StoredEvent`]; the error says what is wrong.
+    pub(crate) fn into_event(self) -> Result<StoredEvent, String> {
+        let payload = serde_json::from_str(&self.payload)
+            .map_err(|e| format!("payload is valid jsonb but not readable here: {e}"))?;
+        let headers = serde_json::from_str(&self.headers)
+            .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
+        Ok(StoredEvent {
+            id: EventId(self.id),
+            topic: self.topic,
+            key: self.key,
+            payload,
+            headers,
+            created_at: self.created_at,
+            available_at: self.available_at,
+            attempts: self.attempts,
+            last_error: self.last_error,
+        })
+    }
 }
 
 /// What became of one claimed event, for [`settle`].
@@ -311,23 +327,25 @@ fn unknown_parameter(n: usize) -> diesel::result::Error {
 }
 
 /// Extends the lease of events still held under `token`, for deliveries
-/// that run long. Primary key lookups; fenced like [`settle`].
+/// that run long. Primary key lookups; fenced like [`settle`]. Returns the
+/// ids still held: an event missing from it was taken over by another relay.
 pub(crate) fn extend_lease(
     conn: &mut PgConnection,
     token: i64,
     ids: &[EventId],
     lease: std::time::Duration,
-) -> QueryResult<usize> {
-    use diesel::sql_types::{Array, BigInt};
+) -> QueryResult<Vec<EventId>> {
     let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
-    diesel::sql_query(
+    let held: Vec<SettledId> = diesel::sql_query(
         "UPDATE outbox.events
             SET available_at = now() + $3 * interval '1 microsecond'
           WHERE id = ANY($2)
-            AND claim_token = $1",
+            AND claim_token = $1
+      RETURNING id",
     )
     .bind::<BigInt, _>(token)
     .bind::<Array<BigInt>, _>(&ids)
     .bind::<BigInt, _>(micros(lease))
-    .execute(conn)
+    .load(conn)?;
+    Ok(held.into_iter().map(|s| EventId(s.id)).collect())
 }

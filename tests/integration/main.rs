@@ -22,4 +22,5 @@ mod sink_nats;
 mod sink_redis;
 #[cfg(feature = "webhook")]
 mod sink_webhook;
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
 mod tcp_proxy;

@@ -301,3 +301,43 @@ fn a_panicking_sink_is_a_transient_failure() {
     assert_eq!(recording.calls(), [(ids[0], 1), (ids[0], 2)]);
     assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
 }
+
+#[test]
+fn a_row_the_relay_cannot_read_dies_alone_and_its_batch_is_delivered() {
+    let bed = setup();
+    let relay = bed
+        .relay()
+        .batch_size(10)
+        .route("*", |_: &StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    use diesel::prelude::*;
+    // Valid jsonb that serde_json refuses: a number beyond f64.
+    diesel::sql_query(
+        "INSERT INTO outbox.events (topic, payload) VALUES ('t', '{\"n\": 1}'), ('t', '1e400'), ('t', '{\"n\": 3}')",
+    )
+    .execute(&mut bed.conn())
+    .unwrap();
+    let seen = bed.signals.until(|s| {
+        s.iter().filter(|s| matches!(s, Signal::Delivered { .. })).count() == 2
+            && relay.stats().dead_lettered == 1
+    });
+    relay.shutdown(PATIENCE).unwrap();
+    let mut delivered: Vec<i64> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Delivered { id, .. } => Some(id.get()),
+            _ => None,
+        })
+        .collect();
+    delivered.sort();
+    assert_eq!(delivered, [1, 3]);
+    let letters = dead_letters(&mut bed.conn());
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].0, letters[0].2), (2, 1));
+    assert!(
+        letters[0].3.starts_with("unreadable event: payload is valid jsonb but not readable here:"),
+        "{letters:?}"
+    );
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}

@@ -156,3 +156,23 @@ fn keyless_events_are_delivered_in_parallel() {
     delivered.sort();
     assert_eq!(delivered, ids);
 }
+
+#[test]
+fn a_backlog_of_one_key_drains_without_waiting_for_the_poll() {
+    let bed = setup();
+    // The poll is an hour away: only going again after settling a keyed
+    // event can deliver the next one of its key.
+    let relay = bed
+        .relay()
+        .poll_interval(std::time::Duration::from_secs(3600))
+        .route("*", |_: &StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    let ids = outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_events((0..50).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n)).key("hot")))
+    })
+    .unwrap();
+    let delivered = bed.signals.delivered(50);
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(delivered, ids, "one key: delivered one at a time, in order");
+}
