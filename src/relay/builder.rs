@@ -175,7 +175,12 @@ impl RelayBuilder {
         if name.is_empty() || name.contains('\0') {
             return config_error("name", "must be non-empty and free of NUL characters");
         }
-        if self.listen_url.is_none() {
+        if let Some(url) = &self.listen_url {
+            super::pq::PqListener::check_url(url).map_err(|reason| Error::Config {
+                field: "listen",
+                reason: format!("is not a PostgreSQL connection URL: {reason}"),
+            })?;
+        } else {
             tracing::warn!(relay = %name, "no listener configured (RelayBuilder::listen): delivering by polling only");
         }
         let filter = self.routes.claim_filter();

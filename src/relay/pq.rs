@@ -12,8 +12,9 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use pq_sys::{
-    ConnStatusType, ExecStatusType, PGconn, PQclear, PQconnectdb, PQconsumeInput, PQerrorMessage,
-    PQexec, PQfinish, PQfreemem, PQnotifies, PQresultStatus, PQsocket, PQstatus,
+    ConnStatusType, ExecStatusType, PGconn, PQclear, PQconnectdb, PQconninfoFree, PQconninfoParse,
+    PQconsumeInput, PQerrorMessage, PQexec, PQfinish, PQfreemem, PQnotifies, PQresultStatus,
+    PQsetNoticeProcessor, PQsocket, PQstatus,
 };
 
 /// A dedicated libpq connection used only to LISTEN.
@@ -40,7 +41,41 @@ impl PqListener {
         if unsafe { PQstatus(listener.conn.as_ptr()) } != ConnStatusType::CONNECTION_OK {
             return Err(listener.error_message());
         }
+        // SAFETY: live connection; the processor is a plain function that
+        // ignores its (null) argument, valid for the program's lifetime.
+        unsafe {
+            PQsetNoticeProcessor(
+                listener.conn.as_ptr(),
+                Some(notice_to_tracing),
+                std::ptr::null_mut(),
+            )
+        };
         Ok(listener)
+    }
+
+    /// Checks that `url` parses as a libpq connection string or URI,
+    /// without connecting. Returns libpq's reason when it does not.
+    pub(crate) fn check_url(url: &str) -> Result<(), String> {
+        let url = CString::new(url).map_err(|_| "contains a NUL byte".to_owned())?;
+        let mut error: *mut std::os::raw::c_char = std::ptr::null_mut();
+        // SAFETY: `url` is NUL-terminated; `error` is a valid out-pointer.
+        let options = unsafe { PQconninfoParse(url.as_ptr(), &mut error) };
+        if !options.is_null() {
+            // SAFETY: allocated by PQconninfoParse, freed once.
+            unsafe { PQconninfoFree(options) };
+            return Ok(());
+        }
+        if error.is_null() {
+            return Err("libpq could not parse it (out of memory)".to_owned());
+        }
+        // SAFETY: libpq set `error` to a NUL-terminated message we must free.
+        let message = unsafe { CStr::from_ptr(error) }
+            .to_string_lossy()
+            .trim()
+            .to_owned();
+        // SAFETY: allocated by libpq, freed once, not used after.
+        unsafe { PQfreemem(error.cast()) };
+        Err(message)
     }
 
     /// Runs a command that returns no rows (`LISTEN channel`).
@@ -132,9 +167,37 @@ impl PqListener {
     }
 }
 
+/// Routes the server's notices on the listener connection (such as the
+/// FATAL sent before `pg_terminate_backend` closes it) to `tracing` instead
+/// of libpq's default, which prints them raw on stderr.
+unsafe extern "C" fn notice_to_tracing(
+    _: *mut std::os::raw::c_void,
+    message: *const std::os::raw::c_char,
+) {
+    if message.is_null() {
+        return;
+    }
+    // SAFETY: libpq passes a NUL-terminated message valid during the call.
+    let message = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+    tracing::debug!(notice = %message.trim(), "listener connection notice");
+}
+
 impl Drop for PqListener {
     fn drop(&mut self) {
         // SAFETY: `conn` came from PQconnectdb and is finished exactly once.
         unsafe { PQfinish(self.conn.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PqListener;
+
+    #[test]
+    fn urls_are_checked_without_connecting() {
+        assert!(PqListener::check_url("postgres://user@localhost:5432/db").is_ok());
+        assert!(PqListener::check_url("host=localhost dbname=db").is_ok());
+        let error = PqListener::check_url("not a url").unwrap_err();
+        assert!(error.contains("missing \"=\" after \"not\""), "{error}");
     }
 }

@@ -73,7 +73,13 @@ impl Worker {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     Counters::add(&self.shared.counters.errors, 1);
-                    tracing::warn!(relay = %self.shared.name, error = %error_chain(&error), "claiming or settling failed; retrying");
+                    let chain = error_chain(&error);
+                    let hint = if chain.contains("does not exist") {
+                        " (is the outbox schema migrated? run outbox::migrate)"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!(relay = %self.shared.name, error = %chain, "claiming or settling failed{hint}; retrying");
                     self.shared.observer.on_error(&error);
                     select! {
                         recv(self.shutdown) -> _ => return,
@@ -163,7 +169,11 @@ impl Worker {
                 && o.event.is_some_and(|i| events[i].key.is_some())
         });
         self.settle(slot, claimed.token, &events, outcomes)?;
-        Ok(if full || unblocked { Round::Full } else { Round::Drained })
+        Ok(if full || unblocked {
+            Round::Full
+        } else {
+            Round::Drained
+        })
     }
 
     /// Delivers `event` (the batch's `index`th) and decides its verdict.

@@ -6,8 +6,8 @@ use diesel::prelude::*;
 use diesel::query_builder::AstPass;
 use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text};
 
-use super::prepared::{Binds, Prepared};
 use super::micros;
+use super::prepared::{Binds, Prepared};
 use crate::event::{EventId, StoredEvent};
 
 /// A claimed batch: its fencing token and its rows, id order.

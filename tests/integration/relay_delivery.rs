@@ -187,6 +187,7 @@ fn impossible_settings_are_typed_errors_naming_the_field() {
         ),
         (ok().max_attempts(0), "max_attempts"),
         (ok().name(""), "name"),
+        (ok().listen("not a url"), "listen"),
         (
             ok().backoff(outbox::Backoff::new(
                 Duration::from_secs(2),

@@ -319,7 +319,10 @@ fn a_row_the_relay_cannot_read_dies_alone_and_its_batch_is_delivered() {
     .execute(&mut bed.conn())
     .unwrap();
     let seen = bed.signals.until(|s| {
-        s.iter().filter(|s| matches!(s, Signal::Delivered { .. })).count() == 2
+        s.iter()
+            .filter(|s| matches!(s, Signal::Delivered { .. }))
+            .count()
+            == 2
             && relay.stats().dead_lettered == 1
     });
     relay.shutdown(PATIENCE).unwrap();
@@ -336,7 +339,9 @@ fn a_row_the_relay_cannot_read_dies_alone_and_its_batch_is_delivered() {
     assert_eq!(letters.len(), 1);
     assert_eq!((letters[0].0, letters[0].2), (2, 1));
     assert!(
-        letters[0].3.starts_with("unreadable event: payload is valid jsonb but not readable here:"),
+        letters[0]
+            .3
+            .starts_with("unreadable event: payload is valid jsonb but not readable here:"),
         "{letters:?}"
     );
     assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);

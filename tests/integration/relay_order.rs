@@ -169,7 +169,9 @@ fn a_backlog_of_one_key_drains_without_waiting_for_the_poll() {
         .start()
         .unwrap();
     let ids = outbox::transaction(&mut bed.conn(), |tx| {
-        tx.publish_events((0..50).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n)).key("hot")))
+        tx.publish_events(
+            (0..50).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n)).key("hot")),
+        )
     })
     .unwrap();
     let delivered = bed.signals.delivered(50);
