@@ -177,7 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("starting the relay");
     let pool =
         diesel::r2d2::Pool::builder()
-            .max_size(4)
+            .max_size(8)
             .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
                 db.url(),
             ))?;

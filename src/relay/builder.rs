@@ -110,8 +110,10 @@ impl RelayBuilder {
     }
 
     /// Worker threads, each delivering one batch at a time (1 to
-    /// [`Self::MAX_WORKERS`]). Workers hold a pooled connection only while
-    /// claiming and settling. Defaults to [`Self::DEFAULT_WORKERS`] (4).
+    /// [`Self::MAX_WORKERS`]). Each holds one pooled connection while it
+    /// works through a batch and none while idle: size the pool for
+    /// `workers` plus the application's own use. Defaults to
+    /// [`Self::DEFAULT_WORKERS`] (4).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
@@ -136,8 +138,8 @@ impl RelayBuilder {
 
     /// How long a claim holds an event. If the relay dies, the event comes
     /// due again this long after it was claimed; a worker renews the lease
-    /// of its remaining events between deliveries when half of it has gone,
-    /// but cannot interrupt one sink call, so keep every call shorter.
+    /// of its batch before sink calls that might outlast it, but cannot
+    /// interrupt a call, so keep every call under half the lease.
     /// At least [`Self::MIN_LEASE_DURATION`]. Defaults to
     /// [`Self::DEFAULT_LEASE_DURATION`] (30 s).
     pub fn lease_duration(mut self, lease: Duration) -> Self {

@@ -3,8 +3,8 @@
 //!
 //! Threads: one listener (LISTEN on its own connection, only wakes), and
 //! `workers` workers that each claim a batch, deliver it and settle it in
-//! one round trip. Workers hold a pooled connection only while claiming and
-//! settling, never while a sink runs.
+//! one round trip. A worker holds one pooled connection per round and none
+//! while idle.
 
 mod builder;
 mod listener;
@@ -68,11 +68,13 @@ pub(crate) struct Shared {
 /// impl outbox::Event for OrderApproved { const TOPIC: &'static str = "order.approved"; }
 ///
 /// let manager = diesel::r2d2::ConnectionManager::new(db.url());
-/// let pool = diesel::r2d2::Pool::builder().max_size(4).build(manager)?;
+/// // The relay takes up to `workers` connections while delivering.
+/// let pool = diesel::r2d2::Pool::builder().max_size(6).build(manager)?;
 ///
 /// let (sent, received) = crossbeam_channel::unbounded();
 /// let relay = outbox::Relay::builder(pool.clone())
 ///     .listen(db.url())
+///     .workers(2)
 ///     .handle(move |event: OrderApproved, meta| {
 ///         // "Send the email"; an Err here is retried with backoff.
 ///         sent.send((meta.id, event.order_id))?;

@@ -30,11 +30,10 @@ pub use webhook::{WebhookBuilder, WebhookSink};
 ///
 /// The contract:
 /// - **It may block.** Each relay worker calls its sinks one event at a
-///   time on its own thread and holds no database connection meanwhile. A
-///   call should finish well within the relay's lease duration (time out
-///   your own I/O below it): the relay extends the lease between events, but
-///   it cannot interrupt a call, and if the lease runs out another relay may
-///   deliver the same event again.
+///   time on its own thread. A call should finish within half the relay's
+///   lease duration (time out your own I/O below it): the relay renews the
+///   lease between calls, but it cannot interrupt one, and if the lease runs
+///   out another relay may deliver the same events again.
 /// - **It receives the stable event id** (`event.id`) to pass on for
 ///   deduplication, and **the attempt number** (`event.attempts`, 1 for the
 ///   first try).
