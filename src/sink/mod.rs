@@ -60,6 +60,14 @@ where
     }
 }
 
+/// A shared sink: give one sink (and its connections) to several relays or
+/// routes.
+impl<S: Sink + ?Sized> Sink for std::sync::Arc<S> {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        (**self).deliver(event)
+    }
+}
+
 /// Why a delivery failed, and what the relay should do about it.
 ///
 /// `?` turns any error into a transient failure, so a handler can use it on
