@@ -28,7 +28,6 @@ use crate::event::StoredEvent;
 pub struct RedisSink {
     pool: diesel::r2d2::Pool<Client>,
     target: Target,
-    timeout: Duration,
 }
 
 enum Target {
@@ -129,12 +128,13 @@ impl RedisBuilder {
             .max_size(8)
             .min_idle(Some(0))
             .connection_timeout(self.timeout)
+            // No PING on every checkout (a round trip per event): a broken
+            // connection fails its XADD, which is retried, and the pool
+            // drops connections that report themselves closed.
+            .test_on_check_out(false)
+            .connection_customizer(Box::new(Timeouts(self.timeout)))
             .build_unchecked(client);
-        Ok(RedisSink {
-            pool,
-            target,
-            timeout: self.timeout,
-        })
+        Ok(RedisSink { pool, target })
     }
 }
 
@@ -148,10 +148,6 @@ impl Sink for RedisSink {
             .pool
             .get()
             .map_err(|e| DeliveryError::transient(format!("Redis unreachable: {e}")))?;
-        conn.set_read_timeout(Some(self.timeout))
-            .map_err(redis_error)?;
-        conn.set_write_timeout(Some(self.timeout))
-            .map_err(redis_error)?;
 
         let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned());
         let mut xadd = redis::cmd("XADD");
@@ -176,6 +172,17 @@ impl Sink for RedisSink {
             );
         xadd.query::<String>(&mut *conn).map_err(redis_error)?;
         Ok(())
+    }
+}
+
+/// Sets the read and write timeouts once, when the pool opens a connection.
+#[derive(Debug)]
+struct Timeouts(Duration);
+
+impl diesel::r2d2::CustomizeConnection<redis::Connection, RedisError> for Timeouts {
+    fn on_acquire(&self, conn: &mut redis::Connection) -> Result<(), RedisError> {
+        conn.set_read_timeout(Some(self.0))?;
+        conn.set_write_timeout(Some(self.0))
     }
 }
 
