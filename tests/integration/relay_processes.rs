@@ -180,6 +180,26 @@ fn killing_a_relay_process_loses_nothing() {
         .copied()
         .collect();
     seen.extend(collect_until_all(&rx, &remaining));
+    // The killed relay printed deliveries it never settled: those events are
+    // still queued, and come due again when its lease (2 s) expires. Wait
+    // until the survivor has delivered and settled them (the duplicates),
+    // looking at the queue after each delivery and at least every 100 ms.
+    let unsettled: Vec<EventId> = outbox::queued_events(&mut bed.conn(), 10_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    let mut conn = bed.conn();
+    while count(&mut conn, "outbox.events") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "events still queued: {unsettled:?}"
+        );
+        if let Ok(delivery) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push(delivery);
+        }
+    }
     drop(children);
     seen.extend(rx.try_iter());
 
@@ -190,10 +210,11 @@ fn killing_a_relay_process_loses_nothing() {
     let mut delivered: Vec<EventId> = per_id.keys().copied().collect();
     delivered.sort();
     assert_eq!(delivered, ids, "every event delivered at least once");
-    // Duplicates are possible only for events the killed relay had
-    // delivered but not yet settled: at most one batch per worker (2 × 50).
+    // Duplicates are exactly the events the killed relay had delivered but
+    // not settled: at most one batch per worker (2 × 50).
     let duplicates = per_id.values().filter(|n| **n > 1).count();
     assert!(duplicates <= 100, "{duplicates} duplicates");
+    assert!(unsettled.iter().all(|id| per_id[id] >= 1));
     eprintln!(
         "killing a relay process: {} events, {duplicates} delivered twice",
         ids.len()
