@@ -122,12 +122,7 @@ impl AmqpBuilder {
         if self.timeout.is_zero() {
             return Err(config("amqp.timeout", "must be greater than zero".into()));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("outbox-amqp")
-            .enable_all()
-            .build()
-            .map_err(|e| config("amqp", format!("could not start the client runtime: {e}")))?;
+        let runtime = super::private_runtime("amqp")?;
         Ok(AmqpSink {
             runtime,
             url: self.url,

@@ -60,6 +60,21 @@ where
     }
 }
 
+/// The one-thread tokio runtime an async client lives on, private to its
+/// sink: the sink's API stays synchronous and no runtime leaks out.
+#[cfg(any(feature = "nats", feature = "amqp"))]
+fn private_runtime(client: &'static str) -> Result<tokio::runtime::Runtime, crate::Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("outbox-{client}"))
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::Config {
+            field: client,
+            reason: format!("could not start the client runtime: {e}"),
+        })
+}
+
 /// A shared sink: give one sink (and its connections) to several relays or
 /// routes.
 impl<S: Sink + ?Sized> Sink for std::sync::Arc<S> {

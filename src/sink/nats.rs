@@ -97,12 +97,7 @@ impl NatsBuilder {
         if self.timeout.is_zero() {
             return Err(config("nats.timeout", "must be greater than zero".into()));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("outbox-nats")
-            .enable_all()
-            .build()
-            .map_err(|e| config("nats", format!("could not start the client runtime: {e}")))?;
+        let runtime = super::private_runtime("nats")?;
         Ok(NatsSink {
             runtime,
             url: self.url,

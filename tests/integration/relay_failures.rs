@@ -7,23 +7,7 @@ use std::time::Duration;
 use outbox::{DeliveryError, StoredEvent};
 
 use crate::common::count;
-use crate::relay_support::{dead_letters, setup, Recording, Signal, PATIENCE};
-
-/// The (attempt, delay) of every retry signal, in order.
-fn retries(signals: &[Signal]) -> Vec<(i32, Duration, String)> {
-    signals
-        .iter()
-        .filter_map(|s| match s {
-            Signal::Retry {
-                attempt,
-                delay,
-                error,
-                ..
-            } => Some((*attempt, *delay, error.clone())),
-            _ => None,
-        })
-        .collect()
-}
+use crate::relay_support::{dead_letters, retries, setup, Recording, Signal, PATIENCE};
 
 #[test]
 fn a_transient_failure_is_retried_after_the_backoff_and_then_delivered() {

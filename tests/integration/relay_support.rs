@@ -112,6 +112,57 @@ impl Signals {
     }
 }
 
+/// Every retry signal as (attempt, delay, error), in order.
+pub fn retries(signals: &[Signal]) -> Vec<(i32, Duration, String)> {
+    signals
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Retry {
+                attempt,
+                delay,
+                error,
+                ..
+            } => Some((*attempt, *delay, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The outage scenario every sink test runs: the relay's sink points at
+/// 127.0.0.1:`port`, where nothing listens yet. Publishes one event, waits
+/// for two failed attempts whose errors start with `error_prefix`, then
+/// opens a proxy from `port` to the real `upstream` and waits for the
+/// delivery. Returns the event id and the errors of the failed attempts;
+/// the relay is shut down.
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+pub fn outage_then_recovery(
+    bed: &RelayBed,
+    relay: outbox::Relay,
+    port: u16,
+    upstream: &str,
+    error_prefix: &str,
+) -> (EventId, Vec<String>) {
+    let ids = bed.publish(&[("t", None)]);
+    let seen = bed.signals.until(|s| retries(s).len() == 2);
+    let errors: Vec<String> = retries(&seen).into_iter().map(|(_, _, e)| e).collect();
+    for error in &errors {
+        assert!(error.starts_with(error_prefix), "{error}");
+    }
+    let _proxy = crate::tcp_proxy::TcpProxy::start(port, upstream);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    match seen.last() {
+        Some(Signal::Delivered { id, attempt }) => {
+            assert_eq!(*id, ids[0]);
+            assert!(*attempt >= 3, "delivered at attempt {attempt}");
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+    (ids[0], errors)
+}
+
 pub fn count_delivered(signals: &[Signal]) -> usize {
     signals
         .iter()

@@ -7,8 +7,8 @@ use async_nats::jetstream::{self, stream};
 use outbox::Sink;
 
 use crate::common::count;
-use crate::relay_support::{setup, RelayBed, Signal, PATIENCE};
-use crate::tcp_proxy::{free_port, TcpProxy};
+use crate::relay_support::{outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
+use crate::tcp_proxy::free_port;
 
 const NATS: &str = "nats://127.0.0.1:4222";
 
@@ -172,25 +172,6 @@ fn an_unreachable_server_is_retried_with_backoff_until_it_comes_back() {
         .build()
         .unwrap();
     let relay = bed.relay().route("*", sink).start().unwrap();
-    let ids = bed.publish(&[("t", None)]);
-    let seen = bed.signals.until(|s| {
-        s.iter()
-            .filter(|s| matches!(s, Signal::Retry { .. }))
-            .count()
-            == 2
-    });
-    for signal in &seen {
-        if let Signal::Retry { error, .. } = signal {
-            assert!(error.starts_with("NATS unreachable"), "{error}");
-        }
-    }
-    let _proxy = TcpProxy::start(port, "127.0.0.1:4222");
-    let seen = bed
-        .signals
-        .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
-    relay.shutdown(PATIENCE).unwrap();
-    assert!(
-        matches!(seen.last(), Some(Signal::Delivered { id, attempt }) if *id == ids[0] && *attempt >= 3)
-    );
+    outage_then_recovery(&bed, relay, port, "127.0.0.1:4222", "NATS unreachable");
     assert_eq!(stream.messages().len(), 1);
 }

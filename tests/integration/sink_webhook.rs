@@ -9,7 +9,7 @@ use base64::Engine;
 use crossbeam_channel::{unbounded, Receiver};
 
 use crate::common::count;
-use crate::relay_support::{dead_letters, setup, RelayBed, Signal, PATIENCE};
+use crate::relay_support::{dead_letters, retries, setup, RelayBed, Signal, PATIENCE};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -216,18 +216,7 @@ fn retryable_statuses_are_retried_honouring_retry_after_within_the_cap() {
         .until(|s| s.iter().any(|s| matches!(s, Signal::Delivered { .. })));
     relay.shutdown(PATIENCE).unwrap();
 
-    let retries: Vec<(i32, Duration, String)> = seen
-        .iter()
-        .filter_map(|s| match s {
-            Signal::Retry {
-                attempt,
-                delay,
-                error,
-                ..
-            } => Some((*attempt, *delay, error.clone())),
-            _ => None,
-        })
-        .collect();
+    let retries = retries(&seen);
     let origin = hook.url.trim_end_matches("/hook");
     assert_eq!(
         retries,
