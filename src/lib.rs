@@ -58,6 +58,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 mod backoff;
 mod error;
 mod event;
@@ -70,6 +71,10 @@ mod sink;
 mod store;
 mod transaction;
 
+pub use admin::{
+    count_dead_letters, dead_letter, dead_letters, purge_dead_letters, replay_dead_letters, status,
+    DeadLetter, QueueCounts, Selection, Status, TopicStatus,
+};
 pub use backoff::Backoff;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, Headers, StoredEvent};

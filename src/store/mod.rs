@@ -3,6 +3,7 @@
 //! Nothing outside this module writes SQL. Each query says which index it
 //! relies on and which locks it takes.
 
+mod admin;
 mod migrations;
 mod prepared;
 mod publish;
@@ -18,6 +19,10 @@ use diesel::sql_types::Jsonb;
 use crate::error::{Error, Result};
 use crate::event::{EventId, Headers, StoredEvent};
 
+pub(crate) use admin::{
+    count_dead_letters, get_dead_letter, list_dead_letters, purge_dead_letters,
+    replay_dead_letters, status_by_topic, DeadLetterRow,
+};
 pub(crate) use migrations::{
     applied_migrations, create_schema, lock_migrations, search_path, set_local_search_path,
 };

@@ -3,6 +3,7 @@
 #[path = "../support/pg.rs"]
 mod pg;
 
+mod admin;
 mod common;
 mod migrate;
 mod publish;
