@@ -4,6 +4,8 @@
 mod pg;
 
 mod admin;
+#[cfg(feature = "cli")]
+mod cli;
 mod common;
 mod migrate;
 mod publish;

@@ -1,0 +1,250 @@
+//! The command line: names and flags are a contract (docs/cli.md).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Transactional outbox for PostgreSQL: migrate, publish, relay, inspect.
+#[derive(Debug, Parser)]
+#[command(name = "outbox", version, about)]
+pub struct Cli {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Log format on stderr (what is logged: RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the outbox schema (idempotent).
+    Migrate,
+    /// Publish one event; prints its id.
+    Publish(Publish),
+    /// Run a relay that delivers events to a sink.
+    Relay(Box<Relay>),
+    /// Show the queue: pending, due, scheduled, in flight, retrying, dead.
+    Status {
+        /// Print JSON (fields documented in docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show, replay and purge dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Args)]
+pub struct Publish {
+    /// The topic, e.g. order.approved.
+    #[arg(long)]
+    pub topic: String,
+    /// Ordering key: events of one key are delivered in order.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// A header forwarded by sinks (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Deliver no earlier than this from now (500ms, 30s, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub delay: Option<Duration>,
+    /// The JSON payload, or - to read it from standard input.
+    #[arg(long)]
+    pub payload: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SinkKind {
+    Stdout,
+    Webhook,
+    Nats,
+    Amqp,
+    Redis,
+}
+
+#[derive(Debug, Args)]
+pub struct Relay {
+    /// Where events go.
+    #[arg(long, value_enum)]
+    pub sink: SinkKind,
+    /// Worker threads.
+    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_WORKERS)]
+    pub workers: usize,
+    /// Events claimed per round.
+    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_BATCH_SIZE)]
+    pub batch_size: u32,
+    /// Fallback poll interval (500ms, 1s …).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub poll_interval: Duration,
+    /// Attempts before an event is dead-lettered.
+    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+    /// Topic patterns to deliver (repeatable; exact, prefix.* or *).
+    #[arg(long = "topic", value_name = "PATTERN", default_value = "*")]
+    pub topics: Vec<String>,
+    /// Deliver everything due, then exit 0 with a summary on stderr.
+    #[arg(long)]
+    pub drain: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// webhook: the endpoint URL.
+    #[arg(long, required_if_eq("sink", "webhook"))]
+    pub url: Option<String>,
+    /// webhook: the Standard Webhooks signing secret (whsec_…).
+    #[arg(long, env = "OUTBOX_WEBHOOK_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// webhook: an extra request header (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// webhook: the request timeout.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// nats: the server URL.
+    #[arg(long, required_if_eq("sink", "nats"))]
+    pub nats_url: Option<String>,
+    /// nats: subjects are <prefix>.<topic>.
+    #[arg(long, required_if_eq("sink", "nats"))]
+    pub subject_prefix: Option<String>,
+
+    /// amqp: the broker URL (amqp://user:password@host:port/vhost).
+    #[arg(long, required_if_eq("sink", "amqp"))]
+    pub amqp_url: Option<String>,
+    /// amqp: the exchange to publish to (routing key = topic).
+    #[arg(long, required_if_eq("sink", "amqp"))]
+    pub exchange: Option<String>,
+
+    /// redis: the server URL.
+    #[arg(long, required_if_eq("sink", "redis"))]
+    pub redis_url: Option<String>,
+    /// redis: one stream for every topic (default: one per topic).
+    #[arg(long)]
+    pub stream: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// List dead letters, newest failure first.
+    List {
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only those that failed within this long (30m, 2h, 7d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full, payload and headers included.
+    Show {
+        /// The event id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back into the queue with the same id.
+    Replay {
+        #[command(flatten)]
+        which: Which,
+        /// Only say how many would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        which: WhichPurge,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Which {
+    /// These event ids.
+    pub ids: Vec<i64>,
+    /// Every dead letter of this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct WhichPurge {
+    /// These event ids.
+    pub ids: Vec<i64>,
+    /// Every dead letter of this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Those that failed longer ago than this (7d, 12h).
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 500ms, 30s, 2h)"))
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err("expected NAME=VALUE".to_owned()),
+    }
+}
+
+/// `text` with every password the command line carries masked.
+pub fn redact_secrets(cli: &Cli, text: &str) -> String {
+    let mut urls: Vec<&str> = cli.database_url.iter().map(String::as_str).collect();
+    let mut secrets: Vec<&str> = Vec::new();
+    if let Command::Relay(relay) = &cli.command {
+        urls.extend(relay.amqp_url.as_deref());
+        urls.extend(relay.redis_url.as_deref());
+        urls.extend(relay.nats_url.as_deref());
+        urls.extend(relay.url.as_deref());
+        secrets.extend(relay.secret.as_deref());
+    }
+    for url in urls {
+        if let Some(password) = password_of(url) {
+            secrets.push(password);
+        }
+    }
+    let mut text = text.to_owned();
+    for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret, "***");
+    }
+    text
+}
+
+/// The password in `scheme://user:password@host…`, if any.
+pub fn password_of(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let userinfo = &rest[..rest.find('@')?];
+    let colon = userinfo.find(':')?;
+    Some(&userinfo[colon + 1..])
+}

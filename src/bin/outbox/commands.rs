@@ -1,0 +1,251 @@
+//! The commands that read or change the database directly: migrate,
+//! publish, status, dead-letters.
+
+use std::error::Error;
+use std::fmt;
+use std::io::{IsTerminal, Read, Write};
+
+use diesel::{Connection, PgConnection};
+
+use crate::args::{Cli, DeadLetters, Publish, Which, WhichPurge};
+use crate::table;
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
+
+/// A mistake in how the command was called: exit code 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl fmt::Display for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Error for Usage {}
+
+pub fn database_url(cli: &Cli) -> Result<&str> {
+    cli.database_url
+        .as_deref()
+        .filter(|url| !url.is_empty())
+        .ok_or_else(|| Usage("no database: set DATABASE_URL or pass --database-url".into()).into())
+}
+
+pub fn connect(cli: &Cli) -> Result<PgConnection> {
+    let url = database_url(cli)?;
+    PgConnection::establish(url).map_err(|e| outbox::Error::from(e).into())
+}
+
+pub fn migrate(cli: &Cli) -> Result {
+    let applied = outbox::migrate(&mut connect(cli)?)?;
+    if applied == 0 {
+        println!("schema up to date");
+    } else {
+        println!("applied {applied} migration(s)");
+    }
+    Ok(())
+}
+
+pub fn publish(cli: &Cli, args: &Publish) -> Result {
+    let text = if args.payload == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        args.payload.clone()
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Usage(format!("--payload is not JSON: {e}")))?;
+    let mut event = outbox::NewEvent::dynamic(&args.topic, payload);
+    if let Some(key) = &args.key {
+        event = event.key(key);
+    }
+    for (name, value) in &args.headers {
+        event = event.header(name, value);
+    }
+    if let Some(delay) = args.delay {
+        event = event.delay(delay);
+    }
+    let mut conn = connect(cli)?;
+    let id = outbox::transaction(&mut conn, |tx| tx.publish_event(event))
+        .map_err(outbox::Error::from)?;
+    println!("{id}");
+    Ok(())
+}
+
+pub fn status(cli: &Cli, json: bool) -> Result {
+    let status = outbox::status(&mut connect(cli)?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let row = |name: &str, c: &outbox::QueueCounts| {
+        vec![
+            name.to_owned(),
+            c.pending.to_string(),
+            c.due_now.to_string(),
+            c.scheduled.to_string(),
+            c.in_flight.to_string(),
+            c.retrying.to_string(),
+            c.dead_letters.to_string(),
+            c.oldest_pending_age_seconds
+                .map_or("-".to_owned(), |s| format!("{s:.0}")),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = status
+        .topics
+        .iter()
+        .map(|t| row(&t.topic, &t.counts))
+        .collect();
+    rows.push(row("TOTAL", &status.total));
+    table::print(
+        &[
+            "TOPIC",
+            "PENDING",
+            "DUE",
+            "SCHEDULED",
+            "IN_FLIGHT",
+            "RETRYING",
+            "DEAD",
+            "OLDEST_AGE_S",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
+    match command {
+        DeadLetters::List {
+            topic,
+            since,
+            limit,
+            json,
+        } => {
+            let since = since
+                .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() - d))
+                .transpose()
+                .map_err(|_| Usage("--since is too long".into()))?;
+            let list = outbox::dead_letters(&mut connect(cli)?, topic.as_deref(), since, *limit)?;
+            if *json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id, "topic": d.topic, "key": d.key, "attempts": d.attempts,
+                            "failed_at": d.failed_at, "last_error": d.last_error,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.id.to_string(),
+                        d.topic.clone(),
+                        d.key.clone().unwrap_or_else(|| "-".into()),
+                        d.attempts.to_string(),
+                        d.failed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        table::cell(&d.last_error, 80),
+                    ]
+                })
+                .collect();
+            table::print(
+                &["ID", "TOPIC", "KEY", "ATTEMPTS", "FAILED_AT", "LAST_ERROR"],
+                &rows,
+            );
+            Ok(())
+        }
+        DeadLetters::Show { id, json } => {
+            let dead = outbox::dead_letter(&mut connect(cli)?, outbox::EventId(*id))?
+                .ok_or_else(|| format!("no dead letter with id {id}"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+            } else {
+                println!("id:          {}", dead.id);
+                println!("topic:       {}", dead.topic);
+                println!("key:         {}", dead.key.as_deref().unwrap_or("-"));
+                println!("created_at:  {}", dead.created_at.to_rfc3339());
+                println!("failed_at:   {}", dead.failed_at.to_rfc3339());
+                println!("attempts:    {}", dead.attempts);
+                println!("last_error:  {}", dead.last_error);
+                println!("headers:     {}", serde_json::to_string(&dead.headers)?);
+                println!("payload:\n{}", serde_json::to_string_pretty(&dead.payload)?);
+            }
+            Ok(())
+        }
+        DeadLetters::Replay { which, dry_run } => {
+            let selection = replay_selection(which);
+            let mut conn = connect(cli)?;
+            let total = outbox::count_dead_letters(&mut conn, &selection)?;
+            if *dry_run {
+                println!("would replay {total} dead letter(s)");
+                return Ok(());
+            }
+            let terminal = std::io::stderr().is_terminal() && total > 1000;
+            let replayed = outbox::replay_dead_letters(&mut conn, &selection, 1000, |done| {
+                if terminal {
+                    eprint!("\rreplayed {done}/{total}");
+                    let _ = std::io::stderr().flush();
+                }
+            })?;
+            if terminal {
+                eprintln!();
+            }
+            println!("replayed {replayed} dead letter(s)");
+            Ok(())
+        }
+        DeadLetters::Purge { which, yes } => {
+            let selection = purge_selection(which)?;
+            let mut conn = connect(cli)?;
+            let total = outbox::count_dead_letters(&mut conn, &selection)?;
+            if !yes && total > 0 {
+                if !std::io::stdin().is_terminal() {
+                    return Err(Usage(format!(
+                        "would purge {total} dead letter(s): pass --yes to confirm"
+                    ))
+                    .into());
+                }
+                eprint!("Delete {total} dead letter(s) for good? [y/N] ");
+                let _ = std::io::stderr().flush();
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    println!("nothing purged");
+                    return Ok(());
+                }
+            }
+            let purged = outbox::purge_dead_letters(&mut conn, &selection)?;
+            println!("purged {purged} dead letter(s)");
+            Ok(())
+        }
+    }
+}
+
+fn ids(ids: &[i64]) -> Vec<outbox::EventId> {
+    ids.iter().copied().map(outbox::EventId).collect()
+}
+
+fn replay_selection(which: &Which) -> outbox::Selection {
+    match (&which.topic, which.all) {
+        (Some(topic), _) => outbox::Selection::Topic(topic.clone()),
+        (None, true) => outbox::Selection::All,
+        (None, false) => outbox::Selection::Ids(ids(&which.ids)),
+    }
+}
+
+fn purge_selection(which: &WhichPurge) -> Result<outbox::Selection> {
+    Ok(match (&which.topic, which.older_than, which.all) {
+        (Some(topic), _, _) => outbox::Selection::Topic(topic.clone()),
+        (None, Some(age), _) => {
+            let age = chrono::Duration::from_std(age)
+                .map_err(|_| Usage("--older-than is too long".into()))?;
+            outbox::Selection::FailedBefore(chrono::Utc::now() - age)
+        }
+        (None, None, true) => outbox::Selection::All,
+        (None, None, false) => outbox::Selection::Ids(ids(&which.ids)),
+    })
+}

@@ -1,0 +1,74 @@
+//! `outbox`: migrate the schema, publish, run a relay, and look after the
+//! dead letters, from the command line. Every command calls the library's
+//! public API; see docs/cli.md for the contract (names, flags, JSON output,
+//! exit codes).
+
+mod args;
+mod commands;
+mod relay;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    // Usage errors exit with 2 (clap's convention).
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match &cli.command {
+        Command::Migrate => commands::migrate(&cli),
+        Command::Publish(publish) => commands::publish(&cli, publish),
+        Command::Status { json } => commands::status(&cli, *json),
+        Command::DeadLetters(dead) => commands::dead_letters(&cli, dead),
+        Command::Relay(relay) => relay::run(&cli, relay),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One clear line; never a password.
+            let mut message = args::redact_secrets(&cli, &error_chain(&*error));
+            if message.contains("outbox") && message.contains("does not exist") {
+                message.push_str(" (run `outbox migrate` first)");
+            }
+            eprintln!("error: {message}");
+            if error.is::<commands::Usage>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// `RUST_LOG` chooses what is logged (default: info), `--log-format`
+/// how: human-readable or one JSON object per line.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}

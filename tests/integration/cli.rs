@@ -1,0 +1,442 @@
+//! The `outbox` binary, run for real against a real PostgreSQL: every
+//! subcommand, usage errors, an unreachable and an unmigrated database, and
+//! a webhook relay that fails, then recovers, then stops on SIGTERM.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+
+use crate::common::count;
+use crate::pg;
+use crate::relay_support::PATIENCE;
+
+fn outbox(db_url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn migrate_applies_then_reports_up_to_date() {
+    let db = pg::empty_db();
+    let first = outbox(db.url(), &["migrate"]);
+    assert_eq!(
+        (first.status.code(), stdout(&first).as_str()),
+        (Some(0), "applied 1 migration(s)\n")
+    );
+    let again = outbox(db.url(), &["migrate"]);
+    assert_eq!(
+        (again.status.code(), stdout(&again).as_str()),
+        (Some(0), "schema up to date\n")
+    );
+}
+
+#[test]
+fn publish_prints_the_id_and_status_counts_it() {
+    let db = pg::test_db();
+    let published = outbox(
+        db.url(),
+        &[
+            "publish",
+            "--topic",
+            "order.approved",
+            "--key",
+            "order-7",
+            "--header",
+            "traceparent=00-abc-01",
+            "--payload",
+            r#"{"order_id": 7}"#,
+        ],
+    );
+    assert_eq!(
+        (published.status.code(), stdout(&published).as_str()),
+        (Some(0), "1\n"),
+        "{}",
+        stderr(&published)
+    );
+    let mut from_stdin = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "publish",
+            "--topic",
+            "audit.login",
+            "--delay",
+            "2h",
+            "--payload",
+            "-",
+        ])
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    from_stdin
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"user": 42}"#)
+        .unwrap();
+    assert_eq!(stdout(&from_stdin.wait_with_output().unwrap()), "2\n");
+
+    let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(queued[0].key.as_deref(), Some("order-7"));
+    assert_eq!(queued[0].headers["traceparent"], "00-abc-01");
+    assert_eq!(queued[1].payload, serde_json::json!({ "user": 42 }));
+    assert!(queued[1].available_at > chrono::Utc::now() + chrono::Duration::minutes(119));
+
+    let table = stdout(&outbox(db.url(), &["status"]));
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "TOPIC",
+            "PENDING",
+            "DUE",
+            "SCHEDULED",
+            "IN_FLIGHT",
+            "RETRYING",
+            "DEAD",
+            "OLDEST_AGE_S"
+        ]
+    );
+    assert_eq!(lines[1][..7], ["audit.login", "1", "0", "1", "0", "0", "0"]);
+    assert_eq!(
+        lines[2][..7],
+        ["order.approved", "1", "1", "0", "0", "0", "0"]
+    );
+    assert_eq!(lines[3][..7], ["TOTAL", "2", "1", "1", "0", "0", "0"]);
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&outbox(db.url(), &["status", "--json"]))).unwrap();
+    assert_eq!(json["pending"], 2);
+    assert_eq!(json["due_now"], 1);
+    assert_eq!(json["scheduled"], 1);
+    assert_eq!(json["topics"][1]["topic"], "order.approved");
+    assert_eq!(json["topics"][1]["pending"], 1);
+}
+
+#[test]
+fn usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line() {
+    let db = pg::test_db();
+    for args in [
+        vec!["publish", "--payload", "{}"],
+        vec!["publish", "--topic", "t", "--payload", "not json"],
+        vec![
+            "publish",
+            "--topic",
+            "t",
+            "--delay",
+            "soon",
+            "--payload",
+            "{}",
+        ],
+        vec!["relay", "--sink", "carrier-pigeon"],
+        vec!["relay", "--sink", "webhook"],
+        vec!["dead-letters", "replay"],
+        vec!["no-such-command"],
+    ] {
+        let output = outbox(db.url(), &args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let bad_topic = outbox(db.url(), &["publish", "--topic", "", "--payload", "{}"]);
+    assert_eq!(
+        (bad_topic.status.code(), stderr(&bad_topic).as_str()),
+        (Some(1), "error: invalid topic \"\": empty\n")
+    );
+    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn an_unreachable_database_is_one_line_without_the_password() {
+    let output = outbox(
+        "postgres://postgres:hunter2@127.0.0.1:1/nowhere",
+        &["status"],
+    );
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: could not connect to the database"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    let no_url = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("status")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(no_url.status.code(), Some(2));
+    assert_eq!(
+        stderr(&no_url),
+        "error: no database: set DATABASE_URL or pass --database-url\n"
+    );
+}
+
+#[test]
+fn an_unmigrated_database_says_to_migrate() {
+    let db = pg::empty_db();
+    let output = outbox(db.url(), &["status"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stderr(&output),
+        "error: database error: relation \"outbox.events\" does not exist (run `outbox migrate` first)\n"
+    );
+}
+
+#[test]
+fn a_draining_stdout_relay_prints_each_event_once_and_a_summary() {
+    let db = pg::test_db();
+    outbox(
+        db.url(),
+        &[
+            "publish",
+            "--topic",
+            "order.approved",
+            "--key",
+            "order-7",
+            "--payload",
+            r#"{"n": 1}"#,
+        ],
+    );
+    outbox(
+        db.url(),
+        &[
+            "publish",
+            "--topic",
+            "billing.paid",
+            "--payload",
+            r#"{"n": 2}"#,
+        ],
+    );
+    let output = outbox(
+        db.url(),
+        &[
+            "relay",
+            "--sink",
+            "stdout",
+            "--drain",
+            "--poll-interval",
+            "100ms",
+            "--topic",
+            "order.*",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    let line = &lines[0];
+    assert_eq!(
+        (
+            line["id"].as_i64(),
+            line["topic"].as_str(),
+            line["key"].as_str()
+        ),
+        (Some(1), Some("order.approved"), Some("order-7"))
+    );
+    assert_eq!(
+        (line["payload"].clone(), line["attempt"].as_i64()),
+        (serde_json::json!({ "n": 1 }), Some(1))
+    );
+    assert!(line["created_at"].is_string() && line["headers"].is_object());
+    assert!(
+        stderr(&output).ends_with("drained: delivered 1, retried 0, dead-lettered 0\n"),
+        "{}",
+        stderr(&output)
+    );
+    // billing.* is not routed: still queued, untouched.
+    let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(
+        queued
+            .iter()
+            .map(|e| (e.topic.as_str(), e.attempts))
+            .collect::<Vec<_>>(),
+        [("billing.paid", 0)]
+    );
+}
+
+#[test]
+fn dead_letters_list_show_replay_and_purge() {
+    let db = pg::test_db();
+    db.conn()
+        .batch_execute(
+            "INSERT INTO outbox.dead_letters (id, topic, key, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               (11, 'email.send', 'c-1', '{\"to\": \"a@b.c\"}', '{\"traceparent\": \"00-abc-01\"}', now() - interval '3 hours', 25, 'gave up after 25 attempts: HTTP 503', now() - interval '2 hours'),
+               (12, 'email.send', NULL, '{\"to\": \"x@y.z\"}', '{}', now() - interval '1 hour', 1, 'permanent failure: HTTP 422', now() - interval '1 hour'),
+               (13, 'billing.paid', NULL, '{}', '{}', now() - interval '10 days', 3, 'gave up after 3 attempts: timeout', now() - interval '9 days')",
+        )
+        .unwrap();
+
+    let table = stdout(&outbox(
+        db.url(),
+        &["dead-letters", "list", "--topic", "email.send"],
+    ));
+    let ids: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(ids, ["12", "11"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&outbox(
+        db.url(),
+        &["dead-letters", "list", "--since", "3h", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["id"].as_i64().unwrap(), d["attempts"].as_i64().unwrap()))
+            .collect::<Vec<_>>(),
+        [(12, 1), (11, 25)]
+    );
+    assert_eq!(json[1]["last_error"], "gave up after 25 attempts: HTTP 503");
+    assert_eq!(json[1]["key"], "c-1");
+
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&outbox(
+        db.url(),
+        &["dead-letters", "show", "11", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(shown["payload"], serde_json::json!({ "to": "a@b.c" }));
+    assert_eq!(shown["headers"]["traceparent"], "00-abc-01");
+    let missing = outbox(db.url(), &["dead-letters", "show", "99"]);
+    assert_eq!(
+        (missing.status.code(), stderr(&missing).as_str()),
+        (Some(1), "error: no dead letter with id 99\n")
+    );
+
+    let dry = outbox(
+        db.url(),
+        &[
+            "dead-letters",
+            "replay",
+            "--topic",
+            "email.send",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(stdout(&dry), "would replay 2 dead letter(s)\n");
+    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+    let replayed = outbox(db.url(), &["dead-letters", "replay", "11"]);
+    assert_eq!(stdout(&replayed), "replayed 1 dead letter(s)\n");
+    let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(
+        queued
+            .iter()
+            .map(|e| (e.id.get(), e.attempts))
+            .collect::<Vec<_>>(),
+        [(11, 0)]
+    );
+
+    let unconfirmed = outbox(db.url(), &["dead-letters", "purge", "--older-than", "7d"]);
+    assert_eq!(unconfirmed.status.code(), Some(2));
+    assert_eq!(
+        stderr(&unconfirmed),
+        "error: would purge 1 dead letter(s): pass --yes to confirm\n"
+    );
+    let purged = outbox(
+        db.url(),
+        &["dead-letters", "purge", "--older-than", "7d", "--yes"],
+    );
+    assert_eq!(stdout(&purged), "purged 1 dead letter(s)\n");
+    let all = outbox(db.url(), &["dead-letters", "purge", "--all", "--yes"]);
+    assert_eq!(stdout(&all), "purged 1 dead letter(s)\n");
+    assert_eq!(count(&mut db.conn(), "outbox.dead_letters"), 0);
+}
+
+#[test]
+fn a_webhook_relay_retries_a_failing_endpoint_until_it_recovers_and_stops_on_sigterm() {
+    let db = pg::test_db();
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    let (seen_tx, seen) = crossbeam_channel::unbounded::<(String, u16)>();
+    std::thread::spawn(move || {
+        for (n, request) in server.incoming_requests().enumerate() {
+            let status = if n == 0 { 503 } else { 204 };
+            let id = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("webhook-id"))
+                .map(|h| h.value.to_string())
+                .unwrap_or_default();
+            let _ = request.respond(tiny_http::Response::empty(status));
+            let _ = seen_tx.send((id, status));
+        }
+    });
+    outbox(
+        db.url(),
+        &[
+            "publish",
+            "--topic",
+            "invoice.paid",
+            "--payload",
+            r#"{"invoice": 1}"#,
+        ],
+    );
+    let relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "relay",
+            "--sink",
+            "webhook",
+            "--url",
+            &url,
+            "--secret",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "--poll-interval",
+            "100ms",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(seen.recv_timeout(PATIENCE).unwrap(), ("1".to_owned(), 503));
+    // The default backoff retries after about a second.
+    assert_eq!(seen.recv_timeout(PATIENCE).unwrap(), ("1".to_owned(), 204));
+    // Settled once the delivery is recorded; then stop it like a supervisor would.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while count(&mut db.conn(), "outbox.events") > 0 {
+        assert!(std::time::Instant::now() < deadline);
+        let _ = seen.recv_timeout(Duration::from_millis(50));
+    }
+    let pid = relay.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = relay.wait_with_output().unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(err.contains("signal received; shutting down"), "{err}");
+    assert!(
+        !err.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        "the webhook secret leaked: {err}"
+    );
+    assert_eq!(count(&mut db.conn(), "outbox.dead_letters"), 0);
+}
