@@ -444,10 +444,25 @@ fn a_webhook_relay_retries_a_failing_endpoint_until_it_recovers_and_stops_on_sig
 #[test]
 fn the_relay_serves_prometheus_metrics() {
     let db = pg::test_db();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    outbox(db.url(), &["publish", "--topic", "order.approved", "--payload", "{}"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    outbox(
+        db.url(),
+        &["publish", "--topic", "order.approved", "--payload", "{}"],
+    );
     let relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["relay", "--sink", "stdout", "--poll-interval", "100ms", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "relay",
+            "--sink",
+            "stdout",
+            "--poll-interval",
+            "100ms",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
         .env("DATABASE_URL", db.url())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -458,8 +473,14 @@ fn the_relay_serves_prometheus_metrics() {
     // Scrape until the delivery and the gauges show (the exporter starts
     // with the relay; the gauges are refreshed every poll interval).
     let body = loop {
-        assert!(std::time::Instant::now() < deadline, "metrics never showed the delivery");
-        if let Ok(mut response) = agent.get(&format!("http://127.0.0.1:{port}/metrics")).call() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed the delivery"
+        );
+        if let Ok(mut response) = agent
+            .get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+        {
             let body = response.body_mut().read_to_string().unwrap();
             if body.contains("outbox_delivered_total") && body.contains("outbox_pending 0") {
                 break body;
@@ -470,7 +491,13 @@ fn the_relay_serves_prometheus_metrics() {
     let pid = relay.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let _ = relay.wait_with_output();
-    assert!(body.contains(r#"outbox_delivered_total{topic="order.approved"} 1"#), "{body}");
-    assert!(body.contains("outbox_oldest_pending_age_seconds 0"), "{body}");
+    assert!(
+        body.contains(r#"outbox_delivered_total{topic="order.approved"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains("outbox_oldest_pending_age_seconds 0"),
+        "{body}"
+    );
     assert!(body.contains("outbox_delivery_latency_seconds"), "{body}");
 }
