@@ -149,7 +149,7 @@ impl RelayBuilder {
 
     /// Attempts before a failing event is dead-lettered (at least 1).
     /// Defaults to [`Self::DEFAULT_MAX_ATTEMPTS`] (25: with the default backoff,
-    /// about 1 h 45 min of retrying).
+    /// about 75–85 min of retrying).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self

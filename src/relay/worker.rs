@@ -316,7 +316,7 @@ impl Worker {
                     let error = outcome
                         .error
                         .unwrap_or_else(|| DeliveryError::transient("unknown"));
-                    tracing::debug!(relay = %shared.name, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
+                    tracing::info!(relay = %shared.name, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
                     shared.observer.on_retry(event, &error, *delay);
                 }
                 Verdict::Release => released.push(event.id),

@@ -35,7 +35,9 @@ use crate::event::StoredEvent;
 /// ```
 pub struct NatsSink {
     runtime: tokio::runtime::Runtime,
+    /// The URL without credentials: the client logs its server address.
     url: String,
+    credentials: Credentials,
     prefix: String,
     timeout: Duration,
     /// Connected on first use, and again after a failed connection attempt.
@@ -98,9 +100,11 @@ impl NatsBuilder {
             return Err(config("nats.timeout", "must be greater than zero".into()));
         }
         let runtime = super::private_runtime("nats")?;
+        let (url, credentials) = split_credentials(&self.url);
         Ok(NatsSink {
             runtime,
-            url: self.url,
+            url,
+            credentials,
             prefix: self.prefix,
             timeout: self.timeout,
             context: Mutex::new(None),
@@ -118,6 +122,13 @@ impl NatsSink {
             return Ok(context.clone());
         }
         let options = async_nats::ConnectOptions::new().connection_timeout(self.timeout);
+        let options = match &self.credentials {
+            Credentials::None => options,
+            Credentials::Token(token) => options.token(token.clone()),
+            Credentials::UserPassword(user, password) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+        };
         let context = self
             .runtime
             .block_on(async {
@@ -198,6 +209,33 @@ impl Sink for NatsSink {
     }
 }
 
+/// Credentials taken out of the URL and given to the client separately:
+/// async-nats logs the server address (URL included) at debug level.
+enum Credentials {
+    None,
+    Token(String),
+    UserPassword(String, String),
+}
+
+/// `nats://user:password@host:4222` → (`nats://host:4222`, credentials).
+fn split_credentials(url: &str) -> (String, Credentials) {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return (url.to_owned(), Credentials::None);
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), Credentials::None);
+    };
+    let userinfo = &rest[..at];
+    let stripped = format!("{}{}", &url[..scheme_end], &rest[at + 1..]);
+    let credentials = match userinfo.split_once(':') {
+        Some((user, password)) => Credentials::UserPassword(user.to_owned(), password.to_owned()),
+        None => Credentials::Token(userinfo.to_owned()),
+    };
+    (stripped, credentials)
+}
+
 /// Dot-separated non-empty tokens, no whitespace, no wildcards.
 fn valid_subject(subject: &str) -> bool {
     !subject.is_empty()
@@ -212,6 +250,21 @@ fn valid_subject(subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::valid_subject;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (url, credentials) = super::split_credentials("nats://app:s3cret@127.0.0.1:4222");
+        assert_eq!(url, "nats://127.0.0.1:4222");
+        assert!(
+            matches!(credentials, super::Credentials::UserPassword(u, p) if u == "app" && p == "s3cret")
+        );
+        let (url, credentials) = super::split_credentials("nats://tok3n@host");
+        assert_eq!(url, "nats://host");
+        assert!(matches!(credentials, super::Credentials::Token(t) if t == "tok3n"));
+        let (url, credentials) = super::split_credentials("nats://host:4222");
+        assert_eq!(url, "nats://host:4222");
+        assert!(matches!(credentials, super::Credentials::None));
+    }
 
     #[test]
     fn subjects_are_checked() {

@@ -149,6 +149,8 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line() {
         vec!["relay", "--sink", "carrier-pigeon"],
         vec!["relay", "--sink", "webhook"],
         vec!["dead-letters", "replay"],
+        vec!["relay", "--sink", "stdout", "--workers", "0"],
+        vec!["relay", "--sink", "webhook", "--url", "not a url"],
         vec!["no-such-command"],
     ] {
         let output = outbox(db.url(), &args);
@@ -196,12 +198,15 @@ fn an_unreachable_database_is_one_line_without_the_password() {
 #[test]
 fn an_unmigrated_database_says_to_migrate() {
     let db = pg::empty_db();
-    let output = outbox(db.url(), &["status"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert_eq!(
-        stderr(&output),
-        "error: database error: relation \"outbox.events\" does not exist (run `outbox migrate` first)\n"
-    );
+    for args in [vec!["status"], vec!["relay", "--sink", "stdout", "--drain"]] {
+        let output = outbox(db.url(), &args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            stderr(&output),
+            "error: database error: relation \"outbox.events\" does not exist (run `outbox migrate` first)\n",
+            "{args:?}"
+        );
+    }
 }
 
 #[test]
@@ -263,7 +268,9 @@ fn a_draining_stdout_relay_prints_each_event_once_and_a_summary() {
     );
     assert!(line["created_at"].is_string() && line["headers"].is_object());
     assert!(
-        stderr(&output).ends_with("drained: delivered 1, retried 0, dead-lettered 0\n"),
+        stderr(&output).ends_with(
+            "drained: delivered 1, retried 0, dead-lettered 0; 0 still pending (not due yet)\n"
+        ),
         "{}",
         stderr(&output)
     );

@@ -8,6 +8,7 @@ mod commands;
 mod relay;
 mod table;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -33,8 +34,12 @@ fn main() -> ExitCode {
             if message.contains("outbox") && message.contains("does not exist") {
                 message.push_str(" (run `outbox migrate` first)");
             }
-            eprintln!("error: {message}");
-            if error.is::<commands::Usage>() {
+            let _ = writeln!(std::io::stderr(), "error: {message}");
+            let bad_setting = matches!(
+                error.downcast_ref::<outbox::Error>(),
+                Some(outbox::Error::Config { .. })
+            );
+            if error.is::<commands::Usage>() || bad_setting {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
@@ -43,14 +48,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// `RUST_LOG` chooses what is logged (default: info), `--log-format`
-/// how: human-readable or one JSON object per line.
+/// `RUST_LOG` chooses what is logged (default: info, with the broker
+/// clients quieter: lapin logs whole returned messages, payloads included,
+/// at warn), `--log-format` how: human-readable or one JSON object per line.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=error,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
@@ -58,8 +64,24 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// stderr that never fails: a log collector that went away (a closed pipe)
+/// must not bring the relay down.
+struct QuietStderr;
+
+impl Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// An error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -70,5 +92,5 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    text.replace('\n', " ")
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -116,6 +116,10 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .map(|p| TopicPattern::parse(p))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let sink = build_sink(args)?;
+    // Fail fast, with one line, on a database that is unreachable or not
+    // migrated, instead of starting workers that would retry forever.
+    let mut conn = connect(cli)?;
+    let initial = outbox::status(&mut conn)?;
     if let Some(addr) = args.metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -144,8 +148,21 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
     })
     .map_err(|e| format!("installing the signal handler: {e}"))?;
 
-    let mut conn = connect(cli)?;
+    // Every series exists from the first scrape, so alerts on increase()
+    // see the first dead letter too.
+    metrics::counter!("outbox_relay_errors_total").increment(0);
+    for topic in &initial.topics {
+        for name in [
+            "outbox_delivered_total",
+            "outbox_retried_total",
+            "outbox_dead_lettered_total",
+        ] {
+            metrics::counter!(name, "topic" => topic.topic.clone()).increment(0);
+        }
+    }
+    record_gauges(&initial);
     let started = Instant::now();
+    let mut last = initial;
     loop {
         if crossbeam_channel::select! {
             recv(stop) -> _ => true,
@@ -157,17 +174,14 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         let status = match outbox::status(&mut conn) {
             Ok(status) => status,
             Err(error) => {
-                tracing::warn!(%error, "reading the queue status failed");
+                tracing::warn!(error = %crate::error_chain(&error), "reading the queue status failed");
                 if let Ok(fresh) = connect(cli) {
                     conn = fresh;
                 }
                 continue;
             }
         };
-        metrics::gauge!("outbox_pending").set(status.total.pending as f64);
-        metrics::gauge!("outbox_oldest_pending_age_seconds")
-            .set(status.total.oldest_pending_age_seconds.unwrap_or(0.0));
-        metrics::gauge!("outbox_dead_letters").set(status.total.dead_letters as f64);
+        record_gauges(&status);
         if args.drain {
             let routed = status
                 .topics
@@ -175,17 +189,35 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
                 .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)));
             let left: i64 = routed.map(|t| t.counts.due_now + t.counts.in_flight).sum();
             if left == 0 && started.elapsed() > args.poll_interval {
+                last = status;
                 break;
             }
         }
+        last = status;
     }
     let stats = relay.stats();
     relay.shutdown(Duration::from_secs(30))?;
     if args.drain {
-        eprintln!(
-            "drained: delivered {}, retried {}, dead-lettered {}",
-            stats.delivered, stats.retried, stats.dead_lettered
+        let waiting: i64 = last
+            .topics
+            .iter()
+            .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)))
+            .map(|t| t.counts.pending)
+            .sum();
+        let _ = writeln!(
+            std::io::stderr(),
+            "drained: delivered {}, retried {}, dead-lettered {}; {waiting} still pending (not due yet)",
+            stats.delivered,
+            stats.retried,
+            stats.dead_lettered
         );
     }
     Ok(())
+}
+
+fn record_gauges(status: &outbox::Status) {
+    metrics::gauge!("outbox_pending").set(status.total.pending as f64);
+    metrics::gauge!("outbox_oldest_pending_age_seconds")
+        .set(status.total.oldest_pending_age_seconds.unwrap_or(0.0));
+    metrics::gauge!("outbox_dead_letters").set(status.total.dead_letters as f64);
 }
