@@ -169,22 +169,21 @@ mod tests {
             .map(|s| s.deliver(&event).unwrap_err().message().to_owned())
     }
 
+    /// Routes `pattern` to a sink that answers with `name`.
+    fn route(routes: &mut Routes, pattern: &str, name: &'static str) {
+        let pattern = TopicPattern::parse(pattern).expect("a valid pattern in this test");
+        routes
+            .add(pattern, sink(name))
+            .expect("a new pattern in this test");
+    }
+
     #[test]
     fn the_most_specific_pattern_wins() {
         let mut routes = Routes::default();
-        routes.add(TopicPattern::All, sink("all")).unwrap();
-        routes
-            .add(TopicPattern::parse("order.*").unwrap(), sink("orders"))
-            .unwrap();
-        routes
-            .add(TopicPattern::parse("order.ap*").unwrap(), sink("ap"))
-            .unwrap();
-        routes
-            .add(
-                TopicPattern::parse("order.approved").unwrap(),
-                sink("exact"),
-            )
-            .unwrap();
+        route(&mut routes, "*", "all");
+        route(&mut routes, "order.*", "orders");
+        route(&mut routes, "order.ap*", "ap");
+        route(&mut routes, "order.approved", "exact");
         assert_eq!(name_of(&routes, "order.approved").as_deref(), Some("exact"));
         assert_eq!(name_of(&routes, "order.apple").as_deref(), Some("ap"));
         assert_eq!(name_of(&routes, "order.shipped").as_deref(), Some("orders"));
@@ -194,9 +193,7 @@ mod tests {
     #[test]
     fn unrouted_topics_have_no_sink() {
         let mut routes = Routes::default();
-        routes
-            .add(TopicPattern::parse("order.*").unwrap(), sink("orders"))
-            .unwrap();
+        route(&mut routes, "order.*", "orders");
         assert!(routes.sink_for("billing.paid").is_none());
         assert!(routes.sink_for("order").is_none());
     }
@@ -217,9 +214,7 @@ mod tests {
     #[test]
     fn like_metacharacters_in_prefixes_are_escaped() {
         let mut routes = Routes::default();
-        routes
-            .add(TopicPattern::parse("a_b%*").unwrap(), sink("x"))
-            .unwrap();
+        route(&mut routes, "a_b%*", "x");
         assert_eq!(routes.claim_filter().like, [r"a\_b\%%"]);
     }
 }

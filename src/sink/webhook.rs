@@ -63,7 +63,8 @@ const RESERVED_HEADERS: [&str; 9] = [
 ///     .header("authorization", "Bearer token-from-the-provider")
 ///     .timeout(Duration::from_secs(10))
 ///     .build()?;
-/// # let pool: outbox::PgPool = unimplemented!();
+/// # let pool = diesel::r2d2::Pool::builder()
+/// #     .build_unchecked(diesel::r2d2::ConnectionManager::new("postgres://localhost/app"));
 /// let relay = outbox::Relay::builder(pool).route("billing.*", sink).start()?;
 /// # Ok::<(), outbox::Error>(())
 /// ```
