@@ -30,8 +30,9 @@ pub(super) struct Worker {
 
 /// What a round found, to decide whether to go again at once.
 enum Round {
-    /// A full batch: more is probably waiting.
-    Full,
+    /// More may be waiting (a full batch, or a settled keyed event that
+    /// unblocks the next of its key): go again at once.
+    More,
     /// Less than a batch, or nothing: wait for a wake-up or the poll.
     Drained,
 }
@@ -61,7 +62,7 @@ impl Worker {
                         self.shared.observer.on_reconnect("worker");
                         tracing::info!(relay = %self.shared.name, "database reachable again");
                     }
-                    if let Round::Full = round {
+                    if let Round::More = round {
                         continue;
                     }
                     select! {
@@ -170,7 +171,7 @@ impl Worker {
         });
         self.settle(slot, claimed.token, &events, outcomes)?;
         Ok(if full || unblocked {
-            Round::Full
+            Round::More
         } else {
             Round::Drained
         })
