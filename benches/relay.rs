@@ -63,18 +63,20 @@ impl outbox::Observer for DrainWatch {
     }
 }
 
+/// A drained row: the id and the payload a real drain would hand on.
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    #[allow(dead_code)] // decoded like a relay would, then dropped
+    payload: serde_json::Value,
+}
+
 /// The safe baseline: what any at-least-once drain must do, by hand. Claim
 /// a batch under a lease (so a crash loses nothing), then delete it: two
 /// statements per batch, like the relay's claim and settle.
 fn raw_claim_delete(conn: &mut PgConnection, batch: i64) -> usize {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        id: i64,
-        #[diesel(sql_type = diesel::sql_types::Jsonb)]
-        #[allow(dead_code)]
-        payload: serde_json::Value,
-    }
     let mut total = 0;
     loop {
         let rows: Vec<Row> = diesel::sql_query(
@@ -108,15 +110,6 @@ fn raw_claim_delete(conn: &mut PgConnection, batch: i64) -> usize {
 /// The raw limit: delete while reading, one statement per batch. Not a
 /// valid relay (a crash after the delete loses the batch), shown for scale.
 fn raw_delete(conn: &mut PgConnection, batch: i64) -> usize {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        #[allow(dead_code)]
-        id: i64,
-        #[diesel(sql_type = diesel::sql_types::Jsonb)]
-        #[allow(dead_code)]
-        payload: serde_json::Value,
-    }
     let mut total = 0;
     loop {
         let rows: Vec<Row> = diesel::sql_query(

@@ -55,6 +55,31 @@
 //!
 //! Bad input (an invalid topic, a payload that does not serialize or that
 //! holds `\u0000`) is a typed [`Error`] before anything is written.
+//!
+//! ## Delivering
+//!
+//! A [`Relay`] (built with [`Relay::builder`]) claims committed events,
+//! hands them to [`Sink`]s routed by topic pattern, retries failures with
+//! jittered exponential [`Backoff`], and moves what cannot be delivered to
+//! `outbox.dead_letters`. Run as many relays as you like on one database:
+//! leased claims with fencing share the work, and per-key order holds
+//! across all of them. See the [`Relay`] example and `docs/relay.md`.
+//!
+//! | sink | cargo feature |
+//! |---|---|
+//! | typed handler ([`RelayBuilder::handle`]) or any closure / [`Sink`] | — |
+//! | `WebhookSink` (Standard Webhooks, signed) | `webhook` |
+//! | `NatsSink` (JetStream, deduplicated) | `nats` |
+//! | `AmqpSink` (RabbitMQ, publisher confirms) | `amqp` |
+//! | `RedisSink` (Streams) | `redis` |
+//! | the `outbox` command (migrate, publish, relay, status, dead letters) | `cli` |
+//!
+//! ## Operating
+//!
+//! [`status`] counts the queue; [`dead_letters`], [`dead_letter`],
+//! [`replay_dead_letters`] and [`purge_dead_letters`] look after the events
+//! that will not be delivered; [`Observer`] is where metrics and logs plug
+//! in. `docs/operations.md` is the runbook.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
