@@ -186,6 +186,8 @@ impl RelayBuilder {
             tracing::warn!(relay = %name, "no listener configured (RelayBuilder::listen): delivering by polling only");
         }
         let filter = self.routes.claim_filter();
+        let listening = self.listen_url.is_some();
+        let workers = config.workers;
         let shared = Arc::new(Shared {
             name,
             pool: self.pool,
@@ -194,6 +196,7 @@ impl RelayBuilder {
             filter,
             observer: self.observer,
             counters: Default::default(),
+            wakeup: super::wakeup::Wakeup::new(listening, workers),
         });
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (finished_tx, finished_rx) = bounded::<()>(0);

@@ -4,7 +4,9 @@
 //! It only wakes; the workers decide what to claim. A burst of
 //! notifications becomes at most one pending wake-up (the channel holds
 //! one), and after every (re)connection it wakes the workers at once, since
-//! notifications sent while it was away are lost.
+//! notifications sent while it was away are lost. After a notification it
+//! disarms the wake-up flag this relay armed (see `wakeup`), so publishers
+//! stop notifying while the relay is awake.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +47,16 @@ pub(super) fn run(shared: Arc<Shared>, url: String, wake: Sender<()>, shutdown: 
                         Ok(0) => {}
                         Ok(_) => {
                             let _ = wake.try_send(());
+                            // After the wake-up, so the claim does not wait
+                            // for it. Publishers stop notifying now; this
+                            // relay re-arms once its workers sleep again.
+                            if shared.wakeup.take_armed() {
+                                if let Err(message) = listener.execute(crate::store::wakeup::DISARM)
+                                {
+                                    report(&shared, "listener connection lost", message);
+                                    break;
+                                }
+                            }
                         }
                         Err(message) => {
                             report(&shared, "listener connection lost", message);

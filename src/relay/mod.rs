@@ -10,6 +10,7 @@ mod builder;
 mod listener;
 mod pq;
 mod routing;
+mod wakeup;
 mod worker;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,6 +51,7 @@ pub(crate) struct Shared {
     pub(crate) filter: crate::store::TopicFilter,
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) counters: Counters,
+    pub(crate) wakeup: wakeup::Wakeup,
 }
 
 /// A running relay. Build one with [`Relay::builder`].

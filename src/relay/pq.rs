@@ -78,7 +78,8 @@ impl PqListener {
         Err(message)
     }
 
-    /// Runs a command that returns no rows (`LISTEN channel`).
+    /// Runs a command that returns no rows (`LISTEN channel`, the wake-up
+    /// flag's `UPDATE`).
     pub(crate) fn execute(&mut self, sql: &str) -> Result<(), String> {
         let sql = CString::new(sql).map_err(|_| "SQL contains a NUL byte".to_owned())?;
         // SAFETY: live connection; `sql` is NUL-terminated and outlives the call.

@@ -11,6 +11,7 @@ use diesel::PgConnection;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::wakeup::{Idleness, LINGER};
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::error::Error;
@@ -18,6 +19,10 @@ use crate::event::{EventId, StoredEvent};
 use crate::observe::Counters;
 use crate::sink::{DeliveryError, DeliveryErrorKind};
 use crate::store::{self, Verdict};
+
+/// Bounds of how long an armed wake-up flag stays armed without renewal.
+const ARMED_AT_LEAST: Duration = Duration::from_secs(1);
+const ARMED_AT_MOST: Duration = Duration::from_secs(24 * 60 * 60);
 
 type PooledConn = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<PgConnection>>;
 
@@ -28,13 +33,15 @@ pub(super) struct Worker {
     pub(super) shutdown: Receiver<()>,
 }
 
-/// What a round found, to decide whether to go again at once.
+/// What a round found, to decide how soon to look again.
 enum Round {
     /// More may be waiting (a full batch, or a settled keyed event that
     /// unblocks the next of its key): go again at once.
     More,
-    /// Less than a batch, or nothing: wait for a wake-up or the poll.
-    Drained,
+    /// Less than a batch: look again after a short pause.
+    Partial,
+    /// Nothing due: pause longer each time, then sleep.
+    Empty,
 }
 
 impl Worker {
@@ -42,8 +49,10 @@ impl Worker {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
         let mut failures: u32 = 0;
+        let mut idleness = Idleness::new();
         loop {
             if self.stopping() {
+                idleness.awake(&self.shared.wakeup);
                 return;
             }
             // One pooled connection per round, for the claim, any lease
@@ -52,26 +61,30 @@ impl Worker {
             // the round ends so the pool is shared fairly with the
             // application.
             let mut conn: Option<PooledConn> = None;
-            let round = self.round(&mut conn, &mut rng);
+            let pause = self
+                .round(&mut conn, &mut rng)
+                .and_then(|round| self.pause_after(round, &mut idleness, &mut conn));
             drop(conn);
-            match round {
-                Ok(round) => {
+            match pause {
+                Ok(pause) => {
                     if failures > 0 {
                         failures = 0;
                         Counters::add(&self.shared.counters.reconnects, 1);
                         self.shared.observer.on_reconnect("worker");
                         tracing::info!(relay = %self.shared.name, "database reachable again");
                     }
-                    if let Round::More = round {
-                        continue;
-                    }
+                    let Some(pause) = pause else { continue };
                     select! {
-                        recv(self.wake_rx) -> _ => {}
-                        recv(self.shutdown) -> _ => return,
-                        default(self.shared.config.poll_interval) => {}
+                        recv(self.wake_rx) -> _ => idleness.busy(&self.shared.wakeup),
+                        recv(self.shutdown) -> _ => {
+                            idleness.awake(&self.shared.wakeup);
+                            return;
+                        }
+                        default(pause) => {}
                     }
                 }
                 Err(error) => {
+                    idleness.awake(&self.shared.wakeup);
                     failures = failures.saturating_add(1);
                     Counters::add(&self.shared.counters.errors, 1);
                     let chain = error_chain(&error);
@@ -87,6 +100,45 @@ impl Worker {
                         default(reconnect.delay(failures, &mut rng)) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// How long to wait after `round` before claiming again (`None`: go
+    /// again at once). When this worker is the last of the relay to fall
+    /// asleep, arms the wake-up flag first, so that publishers notify.
+    fn pause_after(
+        &self,
+        round: Round,
+        idleness: &mut Idleness,
+        slot: &mut Option<PooledConn>,
+    ) -> Result<Option<Duration>, Error> {
+        let shared = &*self.shared;
+        let poll_interval = shared.config.poll_interval;
+        match round {
+            Round::More => {
+                idleness.busy(&shared.wakeup);
+                Ok(None)
+            }
+            Round::Partial => {
+                idleness.busy(&shared.wakeup);
+                Ok(Some(LINGER[0].min(poll_interval)))
+            }
+            Round::Empty => {
+                let pause = idleness.empty(&shared.wakeup, poll_interval);
+                if shared.wakeup.should_arm(poll_interval) {
+                    let conn = match slot {
+                        Some(conn) => conn,
+                        None => slot.insert(shared.pool.get()?),
+                    };
+                    // Armed for a few poll intervals: a sleeping relay
+                    // renews it every poll, and one that died stops
+                    // costing publishers a NOTIFY soon after.
+                    let valid_for = (poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
+                    store::wakeup::arm(conn, valid_for)?;
+                    shared.wakeup.armed();
+                }
+                Ok(Some(pause))
             }
         }
     }
@@ -111,7 +163,7 @@ impl Worker {
             &shared.filter,
         )?;
         if claimed.rows.is_empty() {
-            return Ok(Round::Drained);
+            return Ok(Round::Empty);
         }
         let full = claimed.rows.len() == config.batch_size as usize;
         if full {
@@ -173,7 +225,7 @@ impl Worker {
         Ok(if full || unblocked {
             Round::More
         } else {
-            Round::Drained
+            Round::Partial
         })
     }
 

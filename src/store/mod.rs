@@ -9,6 +9,7 @@ mod prepared;
 mod publish;
 mod queue;
 mod relay;
+pub(crate) mod wakeup;
 
 use std::io::Write;
 

@@ -16,6 +16,7 @@ mod relay_leases;
 mod relay_order;
 mod relay_processes;
 mod relay_support;
+mod relay_wakeup;
 mod schema_contract;
 #[cfg(feature = "amqp")]
 mod sink_amqp;

@@ -10,6 +10,9 @@ use diesel_migrations::{FileBasedMigrations, MigrationHarness};
 use crate::common::count;
 use crate::pg;
 
+/// The migrations in `migrations/`, all applied by a first `migrate`.
+const MIGRATIONS: usize = 2;
+
 fn app_migrations() -> FileBasedMigrations {
     FileBasedMigrations::from_path(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -37,13 +40,13 @@ fn versions(conn: &mut PgConnection, table: &str) -> Vec<String> {
 fn migrate_applies_once_then_finds_nothing_to_do() {
     let db = pg::empty_db();
     let mut conn = db.conn();
-    assert_eq!(outbox::migrate(&mut conn).unwrap(), 1);
+    assert_eq!(outbox::migrate(&mut conn).unwrap(), MIGRATIONS);
     assert_eq!(outbox::migrate(&mut conn).unwrap(), 0);
     assert_eq!(count(&mut conn, "outbox.events"), 0);
     assert_eq!(count(&mut conn, "outbox.dead_letters"), 0);
     assert_eq!(
         versions(&mut conn, "outbox.__diesel_schema_migrations"),
-        ["20261128000001"]
+        ["20261128000001", "20261128000002"]
     );
 }
 
@@ -66,9 +69,21 @@ fn concurrent_migrations_apply_exactly_once() {
         .into_iter()
         .map(|h| h.join().unwrap().expect("migrate failed under concurrency"))
         .collect();
-    assert_eq!(applied.iter().sum::<usize>(), 1, "applied: {applied:?}");
+    assert_eq!(
+        applied.iter().sum::<usize>(),
+        MIGRATIONS,
+        "applied: {applied:?}"
+    );
+    assert_eq!(
+        applied.iter().filter(|&&n| n > 0).count(),
+        1,
+        "applied: {applied:?}"
+    );
     let mut conn = db.conn();
-    assert_eq!(count(&mut conn, "outbox.__diesel_schema_migrations"), 1);
+    assert_eq!(
+        count(&mut conn, "outbox.__diesel_schema_migrations"),
+        MIGRATIONS as i64
+    );
 }
 
 #[test]
@@ -99,7 +114,7 @@ fn host_application_migrations_run_revert_and_redo_beside_outbox() {
     // Ours is untouched throughout, and still up to date.
     assert_eq!(
         versions(&mut conn, "outbox.__diesel_schema_migrations"),
-        ["20261128000001"]
+        ["20261128000001", "20261128000002"]
     );
     assert_eq!(outbox::migrate(&mut conn).unwrap(), 0);
     assert_eq!(count(&mut conn, "outbox.events"), 0);
@@ -110,7 +125,7 @@ fn outbox_migrates_after_the_application_has_its_own_migrations() {
     let db = pg::empty_db();
     let mut conn = db.conn();
     conn.run_pending_migrations(app_migrations()).unwrap();
-    assert_eq!(outbox::migrate(&mut conn).unwrap(), 1);
+    assert_eq!(outbox::migrate(&mut conn).unwrap(), MIGRATIONS);
     assert_eq!(
         versions(&mut conn, "public.__diesel_schema_migrations"),
         ["20260101000000"]

@@ -80,31 +80,55 @@ fn constraints_reject_what_the_library_would() {
     assert_eq!(count(&mut conn, "outbox.events"), 0);
 }
 
+/// The notifications `listener` has received so far.
+fn notifications(listener: &mut PgConnection) -> Vec<(String, String)> {
+    // Every commit happened before this point, so its notification is
+    // already queued on the listener's connection (a round trip reads it).
+    diesel::sql_query("SELECT 1").execute(listener).unwrap();
+    listener
+        .notifications_iter()
+        .map(|n| n.unwrap())
+        .map(|n| (n.channel, n.payload))
+        .collect()
+}
+
+fn arm_wakeup(conn: &mut PgConnection, until: &str) {
+    diesel::sql_query(format!(
+        "INSERT INTO outbox.relay_wakeup (armed_until) VALUES ({until})
+         ON CONFLICT (only_row) DO UPDATE SET armed_until = excluded.armed_until"
+    ))
+    .execute(conn)
+    .unwrap();
+}
+
 #[test]
-fn the_trigger_notifies_once_per_insert_statement_with_an_empty_payload() {
+fn the_trigger_notifies_once_per_insert_statement_while_a_relay_is_asleep() {
     let db = pg::test_db();
     let mut listener = db.conn();
     diesel::sql_query(format!("LISTEN {}", outbox::NOTIFY_CHANNEL))
         .execute(&mut listener)
         .unwrap();
-
     let mut publisher = db.conn();
     let events: Vec<_> = (1..=10).map(approved).collect();
+
+    // No relay has said it sleeps: publishers commit without notifying.
+    outbox::transaction(&mut publisher, |tx| tx.publish_all(&events)).unwrap();
+    assert_eq!(notifications(&mut listener), []);
+
+    // A relay armed the flag: one empty notification per statement.
+    arm_wakeup(&mut publisher, "now() + interval '1 minute'");
     outbox::transaction(&mut publisher, |tx| tx.publish_all(&events)).unwrap();
     outbox::transaction(&mut publisher, |tx| tx.publish(&approved(11))).unwrap();
-
-    // Both commits happened before this point, so both notifications are
-    // already queued on the listener's connection (a round trip reads them).
-    diesel::sql_query("SELECT 1")
-        .execute(&mut listener)
-        .unwrap();
-    let received: Vec<_> = listener
-        .notifications_iter()
-        .map(|n| n.unwrap())
-        .map(|n| (n.channel, n.payload))
-        .collect();
     let expected = ("outbox_events".to_owned(), String::new());
-    assert_eq!(received, [expected.clone(), expected]);
+    assert_eq!(notifications(&mut listener), [expected.clone(), expected]);
+
+    // Expired (the relay that armed it died), or cleared (it woke up).
+    arm_wakeup(&mut publisher, "now() - interval '1 second'");
+    outbox::transaction(&mut publisher, |tx| tx.publish(&approved(12))).unwrap();
+    arm_wakeup(&mut publisher, "NULL");
+    outbox::transaction(&mut publisher, |tx| tx.publish(&approved(13))).unwrap();
+    assert_eq!(notifications(&mut listener), []);
+    assert_eq!(count(&mut publisher, "outbox.events"), 23);
 }
 
 #[test]
@@ -123,7 +147,7 @@ fn every_table_and_column_is_commented() {
            JOIN pg_namespace n ON n.oid = c.relnamespace
            LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
           WHERE n.nspname = 'outbox'
-            AND c.relname IN ('events', 'dead_letters')
+            AND c.relname IN ('events', 'dead_letters', 'relay_wakeup')
             AND col_description(c.oid, coalesce(a.attnum, 0)) IS NULL
             AND (a.attnum IS NOT NULL OR obj_description(c.oid, 'pg_class') IS NULL)",
     )

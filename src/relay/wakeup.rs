@@ -1,0 +1,131 @@
+//! When a relay wants NOTIFYs: only while all its workers are asleep.
+//!
+//! A NOTIFY serializes publishers' commits (docs/design.md), so the relay
+//! asks for them only when it needs them. A worker that found work polls
+//! again after short, growing pauses ([`LINGER`]); one that found nothing
+//! for a while becomes drowsy and then sleeps until a wake-up or the poll
+//! interval. When the last worker of the relay dozes off it *arms*
+//! `outbox.relay_wakeup` (publishers then notify); the listener *disarms* it
+//! on the first notification, so a relay under load keeps polling and
+//! publishers commit without notifying.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// The pauses of a worker between claims that came back empty, after a
+/// claim that found work: it keeps looking for about 127 ms (the total)
+/// before it sleeps. The last pause is the drowsy one: the relay arms the
+/// wake-up flag at its start when every worker has reached it, and the
+/// claim at its end catches events whose publishers read the flag just
+/// before it was armed.
+pub(crate) const LINGER: [Duration; 7] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+];
+
+/// The relay-wide side: how many workers sleep, and whether (and when) this
+/// relay armed the flag.
+#[derive(Debug)]
+pub(crate) struct Wakeup {
+    /// False without a listener: then nobody would hear a NOTIFY, so the
+    /// relay never asks for one.
+    enabled: bool,
+    workers: usize,
+    asleep: AtomicUsize,
+    armed_at: Mutex<Option<Instant>>,
+}
+
+impl Wakeup {
+    pub(crate) fn new(enabled: bool, workers: usize) -> Self {
+        Wakeup {
+            enabled,
+            workers,
+            asleep: AtomicUsize::new(0),
+            armed_at: Mutex::new(None),
+        }
+    }
+
+    /// Whether the flag should be (re)armed now: every worker is asleep,
+    /// and this relay has not armed it within `refresh` (it stays armed for
+    /// a few of those, so a relay that died stops costing publishers).
+    pub(crate) fn should_arm(&self, refresh: Duration) -> bool {
+        self.enabled
+            && self.asleep.load(Ordering::Acquire) == self.workers
+            && self
+                .armed_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|at| at.elapsed() >= refresh)
+    }
+
+    /// Records that the flag was armed just now.
+    pub(crate) fn armed(&self) {
+        *self.armed_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Called by the listener on a notification: true if this relay had
+    /// armed the flag and should now disarm it.
+    pub(crate) fn take_armed(&self) -> bool {
+        self.armed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some()
+    }
+}
+
+/// One worker's idleness: where it is in [`LINGER`], and whether it counts
+/// as asleep.
+#[derive(Debug)]
+pub(crate) struct Idleness {
+    /// Empty claims since the last one that found work; `LINGER.len()` and
+    /// above: asleep until woken or the poll interval.
+    streak: usize,
+    asleep: bool,
+}
+
+impl Idleness {
+    /// A new worker starts drowsy: its first empty claim puts it to sleep
+    /// (through the drowsy pause, so an event published while the relay
+    /// starts is still found).
+    pub(crate) fn new() -> Self {
+        Idleness {
+            streak: LINGER.len() - 2,
+            asleep: false,
+        }
+    }
+
+    /// The last claim found work (or the worker was woken).
+    pub(crate) fn busy(&mut self, wakeup: &Wakeup) {
+        self.streak = 0;
+        self.awake(wakeup);
+    }
+
+    /// The worker cannot claim (the database is unreachable): it is not
+    /// waiting for a notification.
+    pub(crate) fn awake(&mut self, wakeup: &Wakeup) {
+        if std::mem::take(&mut self.asleep) {
+            wakeup.asleep.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The last claim found nothing: how long to pause before the next,
+    /// given the poll interval. Counts the worker as asleep from the
+    /// drowsy pause on.
+    pub(crate) fn empty(&mut self, wakeup: &Wakeup, poll_interval: Duration) -> Duration {
+        self.streak = self.streak.saturating_add(1);
+        if self.streak >= LINGER.len() - 1 && !self.asleep {
+            self.asleep = true;
+            wakeup.asleep.fetch_add(1, Ordering::AcqRel);
+        }
+        LINGER
+            .get(self.streak)
+            .map_or(poll_interval, |&pause| pause.min(poll_interval))
+    }
+}
