@@ -1,5 +1,14 @@
-//! Publish cost: a business transaction alone, with one and ten outbox
-//! events, and the same rows written by hand-written SQL (the baseline).
+//! Publish cost.
+//!
+//! - `publish`: one publisher; a business transaction alone, with one and
+//!   ten outbox events, and the same rows written by hand-written SQL (the
+//!   baseline).
+//! - `concurrent_publishers`: 1, 4 and 16 publishers committing a business
+//!   row and an event each, while a relay (listening, 4 workers) delivers
+//!   them, with three wake-up designs: the shipped one (`wake_on_demand`:
+//!   NOTIFY only while the relay sleeps), no notifications at all
+//!   (`no_notify`, the trigger disabled: the baseline) and a trigger that
+//!   always notifies (`always_notify`, the first release's design).
 //!
 //! `DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench --bench publish`
 //! (without `DATABASE_URL`, a throwaway cluster with fsync off is used).
@@ -8,6 +17,7 @@
 mod pg;
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use diesel::prelude::*;
@@ -117,5 +127,97 @@ fn publish(c: &mut Criterion) {
         .unwrap();
 }
 
-criterion_group!(benches, publish);
+/// The trigger function of the first release: NOTIFY on every insert.
+const ALWAYS_NOTIFY: &str = "CREATE OR REPLACE FUNCTION outbox.notify_events_inserted()
+     RETURNS trigger LANGUAGE plpgsql AS
+     $$ BEGIN PERFORM pg_notify('outbox_events', ''); RETURN NULL; END; $$";
+
+/// A database with one wake-up design, and a relay delivering from it.
+struct Design {
+    db: pg::TestDb,
+    relay: outbox::Relay,
+}
+
+impl Design {
+    fn start(design: &str) -> Self {
+        let db = pg::test_db();
+        let mut setup = db.conn();
+        diesel::sql_query("CREATE TABLE orders (id bigint PRIMARY KEY, status text NOT NULL)")
+            .execute(&mut setup)
+            .unwrap();
+        match design {
+            "no_notify" => {
+                diesel::sql_query("ALTER TABLE outbox.events DISABLE TRIGGER events_notify")
+                    .execute(&mut setup)
+                    .unwrap();
+            }
+            "always_notify" => {
+                diesel::sql_query(ALWAYS_NOTIFY).execute(&mut setup).unwrap();
+            }
+            _ => {}
+        }
+        let pool = diesel::r2d2::Pool::builder()
+            .max_size(5)
+            .build(diesel::r2d2::ConnectionManager::new(db.url()))
+            .unwrap();
+        let relay = outbox::Relay::builder(pool)
+            .listen(db.url())
+            .route("*", |_: &outbox::StoredEvent| Ok(()))
+            .start()
+            .unwrap();
+        Design { db, relay }
+    }
+}
+
+fn concurrent_publishers(c: &mut Criterion) {
+    /// Transactions per publisher per iteration.
+    const EACH: usize = 64;
+    let mut group = c.benchmark_group("concurrent_publishers");
+    group.sampling_mode(criterion::SamplingMode::Flat);
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(4));
+    group.warm_up_time(Duration::from_secs(1));
+    // Every design's database and relay first, then the designs side by
+    // side for each publisher count: drift in the machine's load then
+    // shows in all three alike. An idle relay sleeps, costing nothing.
+    let designs: Vec<_> = ["wake_on_demand", "no_notify", "always_notify"]
+        .into_iter()
+        .map(|design| (design, Design::start(design)))
+        .collect();
+    for publishers in [1usize, 4, 16] {
+        group.throughput(Throughput::Elements((publishers * EACH) as u64));
+        for (name, design) in &designs {
+            let mut conns: Vec<PgConnection> =
+                (0..publishers).map(|_| design.db.conn()).collect();
+            group.bench_function(BenchmarkId::new(*name, publishers), |b| {
+                b.iter_custom(|iters| {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        std::thread::scope(|scope| {
+                            for conn in conns.iter_mut() {
+                                scope.spawn(move || {
+                                    for _ in 0..EACH {
+                                        outbox::transaction(conn, |tx| {
+                                            let id = next_order();
+                                            insert_order(tx.conn(), id)?;
+                                            tx.publish(&event(id)).map(|_| ())
+                                        })
+                                        .unwrap();
+                                    }
+                                });
+                            }
+                        });
+                    }
+                    started.elapsed()
+                })
+            });
+        }
+    }
+    for (_, design) in designs {
+        design.relay.shutdown(Duration::from_secs(30)).unwrap();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, publish, concurrent_publishers);
 criterion_main!(benches);

@@ -197,16 +197,50 @@ fn drain(c: &mut Criterion) {
     group.finish();
 }
 
+/// Whether a relay of this database sleeps, asking for a NOTIFY.
+fn relay_asleep(conn: &mut PgConnection) -> bool {
+    #[derive(QueryableByName)]
+    struct Armed {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        armed: bool,
+    }
+    diesel::sql_query(
+        "SELECT EXISTS (SELECT FROM outbox.relay_wakeup WHERE armed_until > now()) AS armed",
+    )
+    .get_result::<Armed>(conn)
+    .unwrap()
+    .armed
+}
+
+/// From the publisher's commit returning to the sink being called:
+///
+/// - `asleep`: the relay has been idle long enough to sleep and ask for a
+///   NOTIFY (the wait for that is not timed): the idle pick-up.
+/// - `awake`: events back to back; the relay is still polling after the
+///   previous one, so it finds the next without a notification.
+/// - `poll_50ms`: no listener, a 50 ms poll.
+///
+/// p50/p99 are printed after each. `asleep` waits ~130 ms before every
+/// sample, so its group takes one iteration per sample.
 fn commit_to_sink(c: &mut Criterion) {
     let db = pg::test_db();
     let pool = pool(&db);
     let mut conn = db.conn();
-    let mut group = c.benchmark_group("commit_to_sink");
-    group.sample_size(20);
+    let mut probe = db.conn();
     for (name, listen, poll) in [
-        ("notify", true, Duration::from_secs(1)),
+        ("asleep", true, Duration::from_secs(1)),
+        ("awake", true, Duration::from_secs(1)),
         ("poll_50ms", false, Duration::from_millis(50)),
     ] {
+        let mut group = c.benchmark_group("commit_to_sink");
+        if name == "asleep" {
+            group.sampling_mode(SamplingMode::Flat);
+            group.sample_size(200);
+            group.warm_up_time(Duration::from_millis(1));
+            group.measurement_time(Duration::from_millis(1));
+        } else {
+            group.sample_size(20);
+        }
         let (called, calls) = bounded::<Instant>(1);
         let mut builder = outbox::Relay::builder(pool.clone())
             .poll_interval(poll)
@@ -223,6 +257,11 @@ fn commit_to_sink(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    if name == "asleep" {
+                        while !relay_asleep(&mut probe) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
                     outbox::transaction(&mut conn, |tx| {
                         tx.publish_event(outbox::NewEvent::dynamic(
                             "bench.latency",
@@ -239,6 +278,7 @@ fn commit_to_sink(c: &mut Criterion) {
                 total
             })
         });
+        group.finish();
         relay.shutdown(Duration::from_secs(10)).unwrap();
         if samples.is_empty() {
             continue; // filtered out on the command line
@@ -253,7 +293,6 @@ fn commit_to_sink(c: &mut Criterion) {
             samples.last().unwrap()
         );
     }
-    group.finish();
 }
 
 /// CPU time of this process while a relay (4 workers, listener, 1 s poll)
