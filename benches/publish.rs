@@ -152,7 +152,9 @@ impl Design {
                     .unwrap();
             }
             "always_notify" => {
-                diesel::sql_query(ALWAYS_NOTIFY).execute(&mut setup).unwrap();
+                diesel::sql_query(ALWAYS_NOTIFY)
+                    .execute(&mut setup)
+                    .unwrap();
             }
             _ => {}
         }
@@ -187,8 +189,7 @@ fn concurrent_publishers(c: &mut Criterion) {
     for publishers in [1usize, 4, 16] {
         group.throughput(Throughput::Elements((publishers * EACH) as u64));
         for (name, design) in &designs {
-            let mut conns: Vec<PgConnection> =
-                (0..publishers).map(|_| design.db.conn()).collect();
+            let mut conns: Vec<PgConnection> = (0..publishers).map(|_| design.db.conn()).collect();
             group.bench_function(BenchmarkId::new(*name, publishers), |b| {
                 b.iter_custom(|iters| {
                     let started = Instant::now();

@@ -30,6 +30,7 @@ pub struct RelayBuilder {
     lease: Duration,
     max_attempts: u32,
     backoff: Backoff,
+    vacuum: bool,
     observer: Arc<dyn Observer>,
 }
 
@@ -65,6 +66,7 @@ impl RelayBuilder {
             lease: Self::DEFAULT_LEASE_DURATION,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
             backoff: Backoff::default(),
+            vacuum: true,
             observer: Arc::new(NoopObserver),
         }
     }
@@ -162,6 +164,20 @@ impl RelayBuilder {
         self
     }
 
+    /// Whether the relay vacuums `outbox.events` itself while it delivers:
+    /// after every 1,000 settled events, at most once a second, and with
+    /// `SKIP_LOCKED` so it never waits for autovacuum or another relay.
+    /// This is what keeps a busy table at a few megabytes, since
+    /// autovacuum looks at a database only once per `autovacuum_naptime`
+    /// (1 min by default). It needs the role to own the table (or the
+    /// database); otherwise the relay says so once and leaves it to
+    /// autovacuum. Turn it off when your own maintenance covers the table.
+    /// Defaults to on.
+    pub fn vacuum(mut self, enabled: bool) -> Self {
+        self.vacuum = enabled;
+        self
+    }
+
     /// Hooks for metrics, logs and tests. Defaults to [`NoopObserver`].
     pub fn observer(mut self, observer: impl Observer) -> Self {
         self.observer = Arc::new(observer);
@@ -188,6 +204,7 @@ impl RelayBuilder {
         let filter = self.routes.claim_filter();
         let listening = self.listen_url.is_some();
         let workers = config.workers;
+        let vacuum = config.vacuum;
         let shared = Arc::new(Shared {
             name,
             pool: self.pool,
@@ -197,6 +214,7 @@ impl RelayBuilder {
             observer: self.observer,
             counters: Default::default(),
             wakeup: super::wakeup::Wakeup::new(listening, workers),
+            housekeeping: super::housekeeping::Housekeeping::new(vacuum),
         });
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (finished_tx, finished_rx) = bounded::<()>(0);
@@ -317,6 +335,7 @@ impl RelayBuilder {
             lease: self.lease,
             max_attempts: self.max_attempts,
             backoff: self.backoff,
+            vacuum: self.vacuum,
         })
     }
 }

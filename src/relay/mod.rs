@@ -7,6 +7,7 @@
 //! while idle.
 
 mod builder;
+mod housekeeping;
 mod listener;
 mod pq;
 mod routing;
@@ -40,6 +41,7 @@ pub(crate) struct Config {
     pub(crate) lease: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) backoff: Backoff,
+    pub(crate) vacuum: bool,
 }
 
 /// What every relay thread shares.
@@ -52,6 +54,7 @@ pub(crate) struct Shared {
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) counters: Counters,
     pub(crate) wakeup: wakeup::Wakeup,
+    pub(crate) housekeeping: housekeeping::Housekeeping,
 }
 
 /// A running relay. Build one with [`Relay::builder`].

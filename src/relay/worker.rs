@@ -221,7 +221,11 @@ impl Worker {
             matches!(o.verdict, Verdict::Delivered | Verdict::Dead { .. })
                 && o.event.is_some_and(|i| events[i].key.is_some())
         });
+        let settled = outcomes.len();
         self.settle(slot, claimed.token, &events, outcomes)?;
+        if let Some(conn) = slot {
+            shared.housekeeping.settled(settled, conn, &shared.name);
+        }
         Ok(if full || unblocked {
             Round::More
         } else {

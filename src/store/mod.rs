@@ -4,6 +4,7 @@
 //! relies on and which locks it takes.
 
 mod admin;
+pub(crate) mod maintenance;
 mod migrations;
 mod prepared;
 mod publish;
