@@ -11,6 +11,10 @@
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
+#[path = "support/raw.rs"]
+mod raw;
+
+use raw::{raw_claim_delete, Row};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -63,50 +67,6 @@ impl outbox::Observer for DrainWatch {
     }
 }
 
-/// A drained row: the id and the payload a real drain would hand on.
-#[derive(QueryableByName)]
-struct Row {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    id: i64,
-    #[diesel(sql_type = diesel::sql_types::Jsonb)]
-    #[allow(dead_code)] // decoded like a relay would, then dropped
-    payload: serde_json::Value,
-}
-
-/// The safe baseline: what any at-least-once drain must do, by hand. Claim
-/// a batch under a lease (so a crash loses nothing), then delete it: two
-/// statements per batch, like the relay's claim and settle.
-fn raw_claim_delete(conn: &mut PgConnection, batch: i64) -> usize {
-    let mut total = 0;
-    loop {
-        let rows: Vec<Row> = diesel::sql_query(
-            "WITH batch AS (
-                 SELECT id FROM outbox.events
-                  WHERE available_at <= now()
-                  ORDER BY available_at, id
-                  LIMIT $1
-                    FOR UPDATE SKIP LOCKED)
-             UPDATE outbox.events e
-                SET available_at = now() + interval '30 seconds', attempts = e.attempts + 1
-               FROM batch
-              WHERE e.id = batch.id
-             RETURNING e.id, e.payload",
-        )
-        .bind::<diesel::sql_types::BigInt, _>(batch)
-        .load(conn)
-        .unwrap();
-        if rows.is_empty() {
-            return total;
-        }
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        diesel::sql_query("DELETE FROM outbox.events WHERE id = ANY($1)")
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&ids)
-            .execute(conn)
-            .unwrap();
-        total += rows.len();
-    }
-}
-
 /// The raw limit: delete while reading, one statement per batch. Not a
 /// valid relay (a crash after the delete loses the batch), shown for scale.
 fn raw_delete(conn: &mut PgConnection, batch: i64) -> usize {
@@ -147,7 +107,9 @@ fn drain(c: &mut Criterion) {
                 "raw_delete",
                 raw_delete as fn(&mut PgConnection, i64) -> usize,
             ),
-            ("raw_claim_delete", raw_claim_delete),
+            ("raw_claim_delete", |conn, batch| {
+                raw_claim_delete(conn, batch, usize::MAX)
+            }),
         ] {
             group.bench_function(BenchmarkId::new(format!("{name}/batch{batch}"), 1), |b| {
                 b.iter_custom(|iters| {
