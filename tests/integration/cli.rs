@@ -170,6 +170,96 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line() {
 }
 
 #[test]
+fn impossible_lease_or_backoff_flags_exit_2_naming_the_flag() {
+    let db = pg::test_db();
+    for (args, message) in [
+        (
+            vec!["--lease", "10ms"],
+            "error: --lease 10ms is shorter than the minimum 100ms\n",
+        ),
+        (
+            vec!["--backoff-initial", "0s"],
+            "error: --backoff-initial must be greater than zero\n",
+        ),
+        (
+            vec!["--backoff-initial", "2s", "--backoff-max", "1s"],
+            "error: --backoff-max 1s is shorter than --backoff-initial 2s\n",
+        ),
+        // Only the maximum given: checked against the default initial delay.
+        (
+            vec!["--backoff-max", "500ms"],
+            "error: --backoff-max 500ms is shorter than --backoff-initial 1s\n",
+        ),
+    ] {
+        let mut all = vec!["relay", "--sink", "stdout"];
+        all.extend(&args);
+        let output = outbox(db.url(), &all);
+        assert_eq!(
+            (output.status.code(), stderr(&output).as_str()),
+            (Some(2), message),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn backoff_flags_set_the_retry_delay() {
+    let db = pg::test_db();
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    let (seen_tx, seen) = crossbeam_channel::unbounded::<std::time::Instant>();
+    std::thread::spawn(move || {
+        for (n, request) in server.incoming_requests().enumerate() {
+            let _ = seen_tx.send(std::time::Instant::now());
+            let _ = request.respond(tiny_http::Response::empty(if n < 2 { 503 } else { 204 }));
+        }
+    });
+    outbox(
+        db.url(),
+        &["publish", "--topic", "invoice.paid", "--payload", "{}"],
+    );
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "relay",
+            "--sink",
+            "webhook",
+            "--url",
+            &url,
+            "--poll-interval",
+            "20ms",
+            "--backoff-initial",
+            "300ms",
+            "--backoff-max",
+            "400ms",
+            "--lease",
+            "5s",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let times: Vec<std::time::Instant> = (0..3)
+        .map(|_| seen.recv_timeout(PATIENCE).unwrap())
+        .collect();
+    let _ = relay.kill();
+    let _ = relay.wait();
+    // 300 ms then 600 ms capped at 400 ms, each shortened by up to 20%
+    // jitter; the default schedule (1 s, then 2 s) would be far above.
+    let first = times[1] - times[0];
+    let second = times[2] - times[1];
+    assert!(
+        first >= Duration::from_millis(240) && first < Duration::from_millis(800),
+        "first retry after {first:?}"
+    );
+    assert!(
+        second >= Duration::from_millis(320) && second < Duration::from_millis(900),
+        "second retry after {second:?}"
+    );
+}
+
+#[test]
 fn an_unreachable_database_is_one_line_without_the_password() {
     let output = outbox(
         "postgres://postgres:hunter2@127.0.0.1:1/nowhere",
