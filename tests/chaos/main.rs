@@ -56,9 +56,12 @@ fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-/// A fresh directory for relay logs.
+/// A directory for relay logs, named on stderr so that a failed run can
+/// be read (a passing test removes it).
 fn log_dir(test: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("outbox-{test}-{}", std::process::id()))
+    let dir = std::env::temp_dir().join(format!("outbox-{test}-{}", std::process::id()));
+    eprintln!("{test}: relay logs in {}", dir.display());
+    dir
 }
 
 /// `SELECT count(*)` of a table.
