@@ -203,15 +203,15 @@ fn impossible_lease_or_backoff_flags_exit_2_naming_the_flag() {
 }
 
 #[test]
-fn backoff_flags_set_the_retry_delay() {
+fn lease_and_backoff_flags_set_the_claim_and_the_retry_schedule() {
     let db = pg::test_db();
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
-    let (seen_tx, seen) = crossbeam_channel::unbounded::<std::time::Instant>();
+    // Requests come to the test, which looks at the queue before answering.
+    let (requests_tx, requests) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
-        for (n, request) in server.incoming_requests().enumerate() {
-            let _ = seen_tx.send(std::time::Instant::now());
-            let _ = request.respond(tiny_http::Response::empty(if n < 2 { 503 } else { 204 }));
+        for request in server.incoming_requests() {
+            let _ = requests_tx.send((request, std::time::Instant::now()));
         }
     });
     outbox(
@@ -227,12 +227,12 @@ fn backoff_flags_set_the_retry_delay() {
             &url,
             "--poll-interval",
             "20ms",
-            "--backoff-initial",
-            "300ms",
-            "--backoff-max",
-            "400ms",
             "--lease",
-            "5s",
+            "7s",
+            "--backoff-initial",
+            "2s",
+            "--backoff-max",
+            "3s",
         ])
         .env("DATABASE_URL", db.url())
         .env("RUST_LOG", "warn")
@@ -240,23 +240,62 @@ fn backoff_flags_set_the_retry_delay() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let times: Vec<std::time::Instant> = (0..3)
-        .map(|_| seen.recv_timeout(PATIENCE).unwrap())
-        .collect();
+    let mut conn = db.conn();
+    // Seconds until the event is due again, and whether a relay holds it.
+    let mut due_in = || -> (f64, bool) {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            left: f64,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            held: bool,
+        }
+        let row: Row = diesel::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT extract(epoch FROM available_at - now())::float8 AS left,
+                        claim_token IS NOT NULL AS held
+                   FROM outbox.events",
+            ),
+            &mut conn,
+        )
+        .unwrap();
+        (row.left, row.held)
+    };
+    // Attempt 2 waits 2 s and attempt 3 min(3 s, 4 s), each shortened by
+    // up to 20% jitter: upper bounds that hold however slow the machine,
+    // and lower bounds that allow for the time since the failure. The
+    // defaults (30 s lease, 1 s then 2 s) would fail them.
+    for (shortest, longest) in [(1.6, 2.0), (2.4, 3.0)] {
+        let (request, seen) = requests.recv_timeout(PATIENCE).unwrap();
+        let (lease_left, held) = due_in();
+        assert!(held, "not claimed while being delivered");
+        assert!(
+            lease_left > 5.0 && lease_left <= 7.0,
+            "lease ends in {lease_left}s"
+        );
+        let _ = request.respond(tiny_http::Response::empty(503));
+        // Settled (no longer held) after the failure; a further attempt
+        // before that would mean no backoff at all.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let retry_in = loop {
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            let (left, held) = due_in();
+            if !held {
+                break left;
+            }
+            assert!(
+                requests.recv_timeout(Duration::from_millis(10)).is_err(),
+                "retried before the failure was settled"
+            );
+        };
+        let since = seen.elapsed().as_secs_f64();
+        assert!(
+            retry_in <= longest && retry_in + since >= shortest,
+            "retry due in {retry_in}s, {since}s after the attempt; expected {shortest}..={longest}s"
+        );
+    }
     let _ = relay.kill();
     let _ = relay.wait();
-    // 300 ms then 600 ms capped at 400 ms, each shortened by up to 20%
-    // jitter; the default schedule (1 s, then 2 s) would be far above.
-    let first = times[1] - times[0];
-    let second = times[2] - times[1];
-    assert!(
-        first >= Duration::from_millis(240) && first < Duration::from_millis(800),
-        "first retry after {first:?}"
-    );
-    assert!(
-        second >= Duration::from_millis(320) && second < Duration::from_millis(900),
-        "second retry after {second:?}"
-    );
 }
 
 #[test]
