@@ -87,8 +87,12 @@ fn sink_outage_retries_on_the_schedule() {
         logs.clone(),
     );
 
-    // Without keys, so every event is retried on its own schedule.
+    // The lower bound counts from the publish: publish once the relay
+    // listens, so a slow start-up is not mistaken for a slow schedule.
     let mut conn = db.conn();
+    wait_until_listening(&mut conn, db.name());
+
+    // Without keys, so every event is retried on its own schedule.
     let published_at = Instant::now();
     let ids: Vec<i64> = outbox::transaction(&mut conn, |tx| {
         tx.publish_events(
@@ -152,6 +156,38 @@ fn sink_outage_retries_on_the_schedule() {
         recovered.as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// Returns once a relay's listener is connected to `database`: the LISTEN
+/// is the last statement its connection ran. There is no signal to wait
+/// on, so it looks every 20 ms, for up to a minute.
+fn wait_until_listening(conn: &mut PgConnection, database: &str) {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listening = diesel::sql_query(
+            "SELECT count(*) AS n
+               FROM pg_stat_activity
+              WHERE datname = $1
+                AND query LIKE 'LISTEN%'",
+        )
+        .bind::<diesel::sql_types::Text, _>(database)
+        .get_result::<N>(conn)
+        .expect("looking for the relay's listener")
+        .n;
+        if listening > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never started listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Each queued event's attempts (claims) so far.

@@ -71,10 +71,14 @@ fn chaos_loses_nothing() {
         std::thread::spawn(move || publisher::publish(&url, plan))
     };
 
-    // The schedule: a tick every half kill interval; a kill on even ticks,
-    // the terminations and the crash on odd ones, so each lands while the
-    // relays are busy and never in the same instant as a kill. It runs on
-    // this thread, which also spawns every relay (see `Relays::spawn`).
+    // The schedule: a tick every half kill interval (the sleep is the
+    // schedule, not a wait for the relays); a kill on even ticks, the
+    // terminations and the crash on odd ones, so each lands while the
+    // relays are busy and never in the same instant as a kill. A relay
+    // started at the tick before the crash has had a whole tick to pass its
+    // start-up check, which fails fast (by design) on an unreachable
+    // database. It runs on this thread, which also spawns every relay (see
+    // `Relays::spawn`).
     let mut disruptions: Vec<(Instant, Disruption)> = Vec::new();
     let mut monitor = publisher::connect(cluster.url());
     let (mut kills, mut terminations, mut restarts) = (0u32, 0u32, 0u32);
