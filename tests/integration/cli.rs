@@ -170,6 +170,135 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line() {
 }
 
 #[test]
+fn impossible_lease_or_backoff_flags_exit_2_naming_the_flag() {
+    let db = pg::test_db();
+    for (args, message) in [
+        (
+            vec!["--lease", "10ms"],
+            "error: --lease 10ms is shorter than the minimum 100ms\n",
+        ),
+        (
+            vec!["--backoff-initial", "0s"],
+            "error: --backoff-initial must be greater than zero\n",
+        ),
+        (
+            vec!["--backoff-initial", "2s", "--backoff-max", "1s"],
+            "error: --backoff-max 1s is shorter than --backoff-initial 2s\n",
+        ),
+        // Only the maximum given: checked against the default initial delay.
+        (
+            vec!["--backoff-max", "500ms"],
+            "error: --backoff-max 500ms is shorter than --backoff-initial 1s\n",
+        ),
+    ] {
+        let mut all = vec!["relay", "--sink", "stdout"];
+        all.extend(&args);
+        let output = outbox(db.url(), &all);
+        assert_eq!(
+            (output.status.code(), stderr(&output).as_str()),
+            (Some(2), message),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn lease_and_backoff_flags_set_the_claim_and_the_retry_schedule() {
+    let db = pg::test_db();
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    // Requests come to the test, which looks at the queue before answering.
+    let (requests_tx, requests) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let _ = requests_tx.send((request, std::time::Instant::now()));
+        }
+    });
+    outbox(
+        db.url(),
+        &["publish", "--topic", "invoice.paid", "--payload", "{}"],
+    );
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "relay",
+            "--sink",
+            "webhook",
+            "--url",
+            &url,
+            "--poll-interval",
+            "20ms",
+            "--lease",
+            "7s",
+            "--backoff-initial",
+            "2s",
+            "--backoff-max",
+            "3s",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conn = db.conn();
+    // Seconds until the event is due again, and whether a relay holds it.
+    let mut due_in = || -> (f64, bool) {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            left: f64,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            held: bool,
+        }
+        let row: Row = diesel::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT extract(epoch FROM available_at - now())::float8 AS left,
+                        claim_token IS NOT NULL AS held
+                   FROM outbox.events",
+            ),
+            &mut conn,
+        )
+        .unwrap();
+        (row.left, row.held)
+    };
+    // Attempt 2 waits 2 s and attempt 3 min(3 s, 4 s), each shortened by
+    // up to 20% jitter: upper bounds that hold however slow the machine,
+    // and lower bounds that allow for the time since the failure. The
+    // defaults (30 s lease, 1 s then 2 s) would fail them.
+    for (shortest, longest) in [(1.6, 2.0), (2.4, 3.0)] {
+        let (request, seen) = requests.recv_timeout(PATIENCE).unwrap();
+        let (lease_left, held) = due_in();
+        assert!(held, "not claimed while being delivered");
+        assert!(
+            lease_left > 5.0 && lease_left <= 7.0,
+            "lease ends in {lease_left}s"
+        );
+        let _ = request.respond(tiny_http::Response::empty(503));
+        // Settled (no longer held) after the failure; a further attempt
+        // before that would mean no backoff at all.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let retry_in = loop {
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            let (left, held) = due_in();
+            if !held {
+                break left;
+            }
+            assert!(
+                requests.recv_timeout(Duration::from_millis(10)).is_err(),
+                "retried before the failure was settled"
+            );
+        };
+        let since = seen.elapsed().as_secs_f64();
+        assert!(
+            retry_in <= longest && retry_in + since >= shortest,
+            "retry due in {retry_in}s, {since}s after the attempt; expected {shortest}..={longest}s"
+        );
+    }
+    let _ = relay.kill();
+    let _ = relay.wait();
+}
+
+#[test]
 fn an_unreachable_database_is_one_line_without_the_password() {
     let output = outbox(
         "postgres://postgres:hunter2@127.0.0.1:1/nowhere",

@@ -331,7 +331,7 @@ cleanup"#;
 
 /// PostgreSQL refuses to run as root: when we are root, the cluster runs as
 /// the `postgres` user (or `nobody`).
-fn cluster_owner() -> Option<(u32, u32)> {
+pub fn cluster_owner() -> Option<(u32, u32)> {
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
     if uid != 0 {
         return None;
@@ -352,7 +352,7 @@ fn cluster_owner() -> Option<(u32, u32)> {
     );
 }
 
-fn postgres_bindir() -> Option<PathBuf> {
+pub fn postgres_bindir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dir) = std::env::var_os("PG_BINDIR") {

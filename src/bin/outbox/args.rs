@@ -90,6 +90,17 @@ pub struct Relay {
     /// Attempts before an event is dead-lettered.
     #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_MAX_ATTEMPTS)]
     pub max_attempts: u32,
+    /// How long a claim holds an event: a killed relay's events come due
+    /// again this long after they were claimed (default 30s).
+    #[arg(long, value_parser = parse_duration)]
+    pub lease: Option<Duration>,
+    /// Delay before the first retry; it doubles per failure, shortened by
+    /// up to 20% jitter (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff_initial: Option<Duration>,
+    /// Longest delay between two attempts (default 5m).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff_max: Option<Duration>,
     /// Topic patterns to deliver (repeatable; exact, prefix.* or *).
     #[arg(long = "topic", value_name = "PATTERN", default_value = "*")]
     pub topics: Vec<String>,

@@ -84,6 +84,46 @@ fn build_sink(args: &Relay) -> Result<Arc<dyn Sink>> {
     })
 }
 
+/// The lease and the retry schedule, checked here so that an impossible
+/// value is a usage error naming the flag (the builder would name its own
+/// field) and is reported before the database is touched. Unset flags keep
+/// the library's defaults, so the two never drift apart.
+fn timing(args: &Relay) -> Result<(Duration, outbox::Backoff)> {
+    let lease = args
+        .lease
+        .unwrap_or(outbox::RelayBuilder::DEFAULT_LEASE_DURATION);
+    if lease < outbox::RelayBuilder::MIN_LEASE_DURATION {
+        return Err(Usage(format!(
+            "--lease {} is shorter than the minimum {}",
+            humantime::format_duration(lease),
+            humantime::format_duration(outbox::RelayBuilder::MIN_LEASE_DURATION)
+        ))
+        .into());
+    }
+    let initial = args
+        .backoff_initial
+        .unwrap_or(outbox::Backoff::DEFAULT_BASE);
+    if initial.is_zero() {
+        return Err(Usage("--backoff-initial must be greater than zero".into()).into());
+    }
+    let max = args.backoff_max.unwrap_or(outbox::Backoff::DEFAULT_CAP);
+    if max < initial {
+        return Err(Usage(format!(
+            "--backoff-max {} is shorter than --backoff-initial {}",
+            humantime::format_duration(max),
+            humantime::format_duration(initial)
+        ))
+        .into());
+    }
+    let backoff = outbox::Backoff::new(
+        initial,
+        max,
+        outbox::Backoff::DEFAULT_FACTOR,
+        outbox::Backoff::DEFAULT_JITTER,
+    );
+    Ok((lease, backoff))
+}
+
 /// Feeds the `metrics` facade (a no-op unless an exporter is installed).
 struct Metrics;
 
@@ -116,6 +156,7 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .map(|p| TopicPattern::parse(p))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let sink = build_sink(args)?;
+    let (lease, backoff) = timing(args)?;
     // Fail fast, with one line, on a database that is unreachable or not
     // migrated, instead of starting workers that would retry forever.
     let mut conn = connect(cli)?;
@@ -136,6 +177,8 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .batch_size(args.batch_size)
         .poll_interval(args.poll_interval)
         .max_attempts(args.max_attempts)
+        .lease_duration(lease)
+        .backoff(backoff)
         .observer(Metrics);
     for pattern in &args.topics {
         builder = builder.route(pattern, sink.clone());

@@ -1,0 +1,78 @@
+//! Survival tests: break things on purpose and count what comes out.
+//!
+//! A separate test binary (`cargo test --all-features --test chaos`) so it
+//! runs after the main integration binary instead of competing with it for
+//! the machine. Two tests:
+//!
+//! - `chaos_loses_nothing` ([`survival`]): events published concurrently
+//!   while three real `outbox relay` processes deliver into a receiver that
+//!   fails at random and refuses poison events, and the test kills relays
+//!   with SIGKILL, terminates their backends and crashes PostgreSQL (a
+//!   private cluster the test owns, never a shared server).
+//! - `sink_outage_retries_on_the_schedule` ([`outage`]): the receiver is
+//!   unreachable for a while; attempts follow the backoff schedule, and
+//!   everything is delivered once it is back.
+//!
+//! Sizes and durations (environment variables; the defaults are what CI
+//! runs, about two minutes on two cores):
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `OUTBOX_CHAOS_KEYS` | 200 | ordering keys |
+//! | `OUTBOX_CHAOS_EVENTS` | 20000 | events (rounded down to a multiple of the keys) |
+//! | `OUTBOX_CHAOS_POISON` | 50 | poison events, refused with 422 on every attempt |
+//! | `OUTBOX_CHAOS_FAIL_PERCENT` | 20 | share of other attempts answered 503 |
+//! | `OUTBOX_CHAOS_SPREAD_SECS` | 25 | publishing is spread over about this long |
+//! | `OUTBOX_CHAOS_KILLS` | 10 | at least this many `kill -9` of a relay |
+//! | `OUTBOX_CHAOS_KILL_EVERY_MS` | 2000 | time between two kills |
+//! | `OUTBOX_CHAOS_PATIENCE_SECS` | 180 | how long the end of the run may take to drain |
+//! | `OUTBOX_OUTAGE_SECS` | 15 | how long the receiver is down (60 for a local run) |
+//!
+//! `OUTBOX_CHAOS_KEEP_LOGS=1` keeps the relay logs (their directory is
+//! printed) even when the run passes.
+
+use diesel::prelude::*;
+
+mod audit;
+#[path = "../support/cluster.rs"]
+mod cluster;
+mod outage;
+#[path = "../support/pg.rs"]
+mod pg;
+mod publisher;
+mod receiver;
+mod relays;
+mod survival;
+#[path = "../integration/tcp_proxy.rs"]
+mod tcp_proxy;
+
+/// An environment knob, or its CI default.
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(text) if !text.is_empty() => text
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text} is not a valid value")),
+        _ => default,
+    }
+}
+
+/// A directory for relay logs, named on stderr so that a failed run can
+/// be read (a passing test removes it).
+fn log_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("outbox-{test}-{}", std::process::id()));
+    eprintln!("{test}: relay logs in {}", dir.display());
+    dir
+}
+
+/// `SELECT count(*)` of a table.
+fn count(conn: &mut PgConnection, table: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+        .get_result::<N>(conn)
+        .unwrap_or_else(|e| panic!("counting {table}: {e}"))
+        .n
+}
