@@ -35,8 +35,9 @@ pub(super) struct Worker {
 
 /// What a round found, to decide how soon to look again.
 enum Round {
-    /// More may be waiting (a full batch, or a settled keyed event that
-    /// unblocks the next of its key): go again at once.
+    /// More may be waiting (a full batch, a settled keyed event that
+    /// unblocks the next of its key, or deferred events that made room):
+    /// go again at once.
     More,
     /// Less than a batch: look again after a short pause.
     Partial,
@@ -162,10 +163,20 @@ impl Worker {
             config.lease,
             &shared.filter,
         )?;
-        if claimed.rows.is_empty() {
-            return Ok(Round::Empty);
+        // Events waiting for an earlier event of their key: moved out of
+        // the next claim's way (settling that event brings them back).
+        let met_blocked = !claimed.blocked.is_empty();
+        if met_blocked {
+            store::defer(conn, &claimed.blocked)?;
         }
-        let full = claimed.rows.len() == config.batch_size as usize;
+        if claimed.rows.is_empty() {
+            return Ok(if met_blocked {
+                Round::More
+            } else {
+                Round::Empty
+            });
+        }
+        let full = claimed.rows.len() + claimed.blocked.len() == config.batch_size as usize;
         if full {
             // More is waiting: pass the wake-up on to an idle worker.
             let _ = self.wake_tx.try_send(());
@@ -226,7 +237,7 @@ impl Worker {
         if let Some(conn) = slot {
             shared.housekeeping.settled(settled, conn, &shared.name);
         }
-        Ok(if full || unblocked {
+        Ok(if full || unblocked || met_blocked {
             Round::More
         } else {
             Round::Partial

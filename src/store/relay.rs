@@ -10,10 +10,13 @@ use super::micros;
 use super::prepared::{Binds, Prepared};
 use crate::event::{EventId, StoredEvent};
 
-/// A claimed batch: its fencing token and its rows, id order.
+/// A claimed batch: its fencing token and its rows, id order; and the
+/// events the claim met that wait for an earlier event of their key
+/// (to [`defer`]).
 pub(crate) struct Claimed {
     pub(crate) token: i64,
     pub(crate) rows: Vec<ClaimedRow>,
+    pub(crate) blocked: Vec<i64>,
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
@@ -51,17 +54,23 @@ pub(crate) struct ClaimedRow {
     attempts: i32,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     last_error: Option<String>,
+    /// Not claimed: an earlier event of its key is still queued (the other
+    /// fields are placeholders).
+    #[diesel(sql_type = Bool)]
+    blocked: bool,
 }
 
 /// Claims up to `limit` due events for `lease`, in one statement.
 ///
 /// - Reads `events_available_at_idx` from the oldest due event: due events
 ///   are a prefix of it, and a held event sits at its lease expiry, so the
-///   scan reads O(batch) entries (plus events of topics this relay does not
+///   scan reads `limit` entries (plus events of topics this relay does not
 ///   route, which it skips).
 /// - Per-key order: a keyed event is taken only when no earlier event of its
 ///   key is still queued (pending, held or waiting for a retry); one probe
 ///   of `events_key_idx`. A batch therefore holds at most one event per key.
+///   The others are returned as `blocked`, for [`defer`] to move out of the
+///   scan's way, so the next claim does not read them again.
 /// - `FOR UPDATE SKIP LOCKED`: concurrent relays take disjoint batches and
 ///   never wait for each other.
 /// - The whole batch gets one fencing token from `outbox.claim_tokens`;
@@ -97,29 +106,36 @@ pub(crate) fn claim(
     let rows: Vec<ClaimedRow> = Prepared::<ClaimStatement, _>::new(
         "WITH token AS (
              SELECT nextval('outbox.claim_tokens') AS value
-         ), claimable AS (
-             SELECT e.id
+         ), window_ AS (
+             SELECT e.id,
+                    (e.key IS NOT NULL AND EXISTS (
+                        SELECT FROM outbox.events earlier
+                         WHERE earlier.key = e.key
+                           AND earlier.id < e.id)) AS blocked
                FROM outbox.events e
               WHERE e.available_at <= now()
                 AND ($3 OR e.topic = ANY($4) OR e.topic LIKE ANY($5))
-                AND (e.key IS NULL OR NOT EXISTS (
-                        SELECT FROM outbox.events earlier
-                         WHERE earlier.key = e.key
-                           AND earlier.id < e.id))
               ORDER BY e.available_at, e.id
               LIMIT $1
                 FOR UPDATE SKIP LOCKED
+         ), claimed AS (
+             UPDATE outbox.events e
+                SET attempts = e.attempts + 1,
+                    claimed_by = $2,
+                    claim_token = token.value,
+                    available_at = now() + $6 * interval '1 microsecond',
+                    deferred = false
+               FROM window_ w, token
+              WHERE e.id = w.id AND NOT w.blocked
+          RETURNING token.value AS token, e.id, e.topic, e.key, e.payload::text AS payload,
+                    e.headers::text AS headers, e.created_at, e.available_at, e.attempts,
+                    e.last_error, false AS blocked
          )
-         UPDATE outbox.events e
-            SET attempts = e.attempts + 1,
-                claimed_by = $2,
-                claim_token = token.value,
-                available_at = now() + $6 * interval '1 microsecond'
-           FROM claimable, token
-          WHERE e.id = claimable.id
-      RETURNING token.value AS token, e.id, e.topic, e.key, e.payload::text AS payload,
-                e.headers::text AS headers, e.created_at, e.available_at, e.attempts,
-                e.last_error",
+         SELECT * FROM claimed
+         UNION ALL
+         SELECT 0, w.id, '', NULL, '', '', now(), now(), 0, NULL, true
+           FROM window_ w
+          WHERE w.blocked",
         ClaimBinds {
             limit,
             relay,
@@ -128,10 +144,71 @@ pub(crate) fn claim(
         },
     )
     .load(conn)?;
-    let token = rows.first().map_or(0, |r: &ClaimedRow| r.token);
-    let mut rows = rows;
+    let (blocked, mut rows): (Vec<ClaimedRow>, Vec<ClaimedRow>) =
+        rows.into_iter().partition(|r| r.blocked);
+    let token = rows.first().map_or(0, |r| r.token);
     rows.sort_unstable_by_key(|r| r.id);
-    Ok(Claimed { token, rows })
+    Ok(Claimed {
+        token,
+        rows,
+        blocked: blocked.into_iter().map(|r| r.id).collect(),
+    })
+}
+
+/// How far past its key's earlier event (its lease end or retry time) a
+/// deferred event is moved. Only a safety net: settling that earlier event
+/// makes the next one due again at once. A long margin keeps a key with a
+/// huge backlog from being rescanned often.
+const DEFER_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Moves events that wait for an earlier event of their key (`ids`, from a
+/// claim) out of the claim's way: `available_at` past that earlier event's
+/// own `available_at` plus [`DEFER_MARGIN`], and `deferred` set so that
+/// settling the earlier event makes them due again ([`settle`]).
+///
+/// A statement of its own, after the claim has committed: it locks the
+/// earlier event (`FOR KEY SHARE`) before deferring, so it cannot race a
+/// settle that is deleting that event. If the earlier event is gone by
+/// then, nothing is deferred and the next claim takes the event. Events
+/// claimed or made due by others in between are left alone.
+pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> {
+    struct DeferBinds<'a> {
+        ids: &'a [i64],
+        margin_us: i64,
+    }
+    impl Binds for DeferBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
+                2 => out.push_bind_param::<BigInt, _>(&self.margin_us),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct DeferStatement;
+    Prepared::<DeferStatement, _>::new(
+        "UPDATE outbox.events e
+            SET available_at = greatest(earlier.available_at, now())
+                               + $2 * interval '1 microsecond',
+                deferred = true
+           FROM unnest($1::bigint[]) AS b(id)
+          CROSS JOIN LATERAL (
+                SELECT earlier.available_at
+                  FROM outbox.events earlier
+                 WHERE earlier.key = (SELECT key FROM outbox.events WHERE id = b.id)
+                   AND earlier.id < b.id
+                 ORDER BY earlier.id
+                 LIMIT 1
+                   FOR KEY SHARE
+          ) earlier
+          WHERE e.id = b.id
+            AND e.available_at <= now()",
+        DeferBinds {
+            ids,
+            margin_us: micros(DEFER_MARGIN),
+        },
+    )
+    .execute(conn)
 }
 
 impl ClaimedRow {
@@ -189,6 +266,11 @@ struct SettledId {
 /// Fencing: every branch requires `claim_token = token`, so a relay whose
 /// lease expired (and whose events another relay now holds) changes
 /// nothing. Returns the ids actually settled; the others were lost.
+///
+/// A delivered or dead keyed event makes the next event of its key due at
+/// once if a claim had [`defer`]red it. That update always writes the next
+/// event (keeping `available_at` when it was not deferred) so that it waits
+/// for, and then sees, a `defer` of it in progress.
 pub(crate) fn settle(
     conn: &mut PgConnection,
     token: i64,
@@ -244,7 +326,7 @@ pub(crate) fn settle(
              DELETE FROM outbox.events e
               USING outcome o
               WHERE e.id = o.id AND o.verdict = 'delivered' AND e.claim_token = $1
-          RETURNING e.id
+          RETURNING e.id, e.key
          ), retried AS (
              UPDATE outbox.events e
                 SET available_at = now() + o.delay_us * interval '1 microsecond',
@@ -277,6 +359,14 @@ pub(crate) fn settle(
                     created_at = excluded.created_at, attempts = excluded.attempts,
                     last_error = excluded.last_error, failed_at = now()
           RETURNING id
+         ), pulled AS (
+             UPDATE outbox.events e
+                SET available_at = CASE WHEN e.deferred THEN now() ELSE e.available_at END,
+                    deferred = false
+               FROM (SELECT id, key FROM delivered UNION ALL SELECT id, key FROM died) done
+              WHERE done.key IS NOT NULL
+                AND e.id = (SELECT min(next.id) FROM outbox.events next
+                             WHERE next.key = done.key AND next.id > done.id)
          )
          SELECT id FROM delivered
          UNION ALL SELECT id FROM retried
@@ -295,7 +385,8 @@ pub(crate) fn settle(
 }
 
 /// The common case of [`settle`]: every event of the batch was delivered.
-/// Primary key lookups, fenced by the token like every settle.
+/// Primary key lookups, fenced by the token like every settle, and the
+/// same wake-up of deferred successors.
 fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryResult<Vec<EventId>> {
     struct DeleteBinds<'a> {
         token: i64,
@@ -312,10 +403,21 @@ fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryRe
     }
     struct DeleteDeliveredStatement;
     let settled: Vec<SettledId> = Prepared::<DeleteDeliveredStatement, _>::new(
-        "DELETE FROM outbox.events
-          WHERE id = ANY($2)
-            AND claim_token = $1
-      RETURNING id",
+        "WITH delivered AS (
+             DELETE FROM outbox.events
+              WHERE id = ANY($2)
+                AND claim_token = $1
+          RETURNING id, key
+         ), pulled AS (
+             UPDATE outbox.events e
+                SET available_at = CASE WHEN e.deferred THEN now() ELSE e.available_at END,
+                    deferred = false
+               FROM delivered done
+              WHERE done.key IS NOT NULL
+                AND e.id = (SELECT min(next.id) FROM outbox.events next
+                             WHERE next.key = done.key AND next.id > done.id)
+         )
+         SELECT id FROM delivered",
         DeleteBinds { token, ids },
     )
     .load(conn)?;

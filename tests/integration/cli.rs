@@ -36,7 +36,7 @@ fn migrate_applies_then_reports_up_to_date() {
     let first = outbox(db.url(), &["migrate"]);
     assert_eq!(
         (first.status.code(), stdout(&first).as_str()),
-        (Some(0), "applied 2 migration(s)\n")
+        (Some(0), "applied 3 migration(s)\n")
     );
     let again = outbox(db.url(), &["migrate"]);
     assert_eq!(

@@ -10,6 +10,7 @@ mod common;
 mod migrate;
 mod publish;
 mod relay_connections;
+mod relay_deferral;
 mod relay_delivery;
 mod relay_failures;
 mod relay_leases;
