@@ -167,7 +167,10 @@ impl Worker {
         // the next claim's way (settling that event brings them back).
         let met_blocked = !claimed.blocked.is_empty();
         if met_blocked {
-            store::defer(conn, &claimed.blocked)?;
+            // Best effort: events left where they are are only read again.
+            if let Err(error) = store::defer(conn, &claimed.blocked) {
+                tracing::debug!(relay = %shared.name, %error, "deferring events that wait for their key failed");
+            }
         }
         if claimed.rows.is_empty() {
             return Ok(if met_blocked {
@@ -353,8 +356,59 @@ impl Worker {
                 Err(error) => return Err(error),
             }
         };
+        self.wake_successors(slot, events, &outcomes, &settled);
         self.report(events, outcomes, &settled);
         Ok(())
+    }
+
+    /// Makes the next event of each key whose event was just delivered or
+    /// dead-lettered due at once, if a claim deferred it. Best effort: if
+    /// this fails, a deferred event comes due by itself a minute after its
+    /// predecessor's lease.
+    fn wake_successors(
+        &self,
+        slot: &mut Option<PooledConn>,
+        events: &[StoredEvent],
+        outcomes: &[Outcome],
+        settled: &[EventId],
+    ) {
+        let settled: std::collections::HashSet<EventId> = settled.iter().copied().collect();
+        let done: Vec<(i64, &str)> = outcomes
+            .iter()
+            .filter(|o| matches!(o.verdict, Verdict::Delivered | Verdict::Dead { .. }))
+            .filter(|o| settled.contains(&o.id))
+            .filter_map(|o| {
+                let key = events[o.event?].key.as_deref()?;
+                Some((o.id.get(), key))
+            })
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        // A few tries on fresh connections: the settle has committed, and a
+        // successor missed here waits for its safety margin (a minute).
+        for tries in 1..=3 {
+            let result = match slot {
+                Some(conn) => store::wake_successors(conn, &done).map_err(Error::from),
+                None => self
+                    .shared
+                    .pool
+                    .get()
+                    .map_err(Error::from)
+                    .and_then(|conn| Ok(store::wake_successors(slot.insert(conn), &done)?)),
+            };
+            match result {
+                Ok(_) => return,
+                Err(error) if tries < 3 && !self.stopping() => {
+                    *slot = None;
+                    tracing::debug!(relay = %self.shared.name, error = %error, "making deferred events of settled keys due failed; retrying");
+                }
+                Err(error) => {
+                    tracing::warn!(relay = %self.shared.name, error = %error, "making deferred events of settled keys due failed; they come due by themselves within a minute");
+                    return;
+                }
+            }
+        }
     }
 
     /// Counts and tells the observer what was committed.

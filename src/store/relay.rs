@@ -166,11 +166,15 @@ const DEFER_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 /// own `available_at` plus [`DEFER_MARGIN`], and `deferred` set so that
 /// settling the earlier event makes them due again ([`settle`]).
 ///
-/// A statement of its own, after the claim has committed: it locks the
-/// earlier event (`FOR KEY SHARE`) before deferring, so it cannot race a
-/// settle that is deleting that event. If the earlier event is gone by
-/// then, nothing is deferred and the next claim takes the event. Events
-/// claimed or made due by others in between are left alone.
+/// A statement of its own, after the claim has committed. It locks the
+/// earlier event (`FOR KEY SHARE`) before deferring, so a settle deleting
+/// that event waits for the deferral and then makes the event due again;
+/// it cannot slip in between. `SKIP LOCKED`: an earlier event that a settle
+/// is deleting right now (or a claim holds) is passed over, and the event
+/// is then deferred behind a still earlier one or not at all (the next
+/// claim reads it again). Never waiting for an earlier event also means a
+/// deferral and a settle can never wait for each other in a cycle.
+/// Events claimed or made due by others in between are left alone.
 pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> {
     struct DeferBinds<'a> {
         ids: &'a [i64],
@@ -199,7 +203,7 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
                    AND earlier.id < b.id
                  ORDER BY earlier.id
                  LIMIT 1
-                   FOR KEY SHARE
+                   FOR KEY SHARE SKIP LOCKED
           ) earlier
           WHERE e.id = b.id
             AND e.available_at <= now()",
@@ -268,9 +272,12 @@ struct SettledId {
 /// nothing. Returns the ids actually settled; the others were lost.
 ///
 /// A delivered or dead keyed event makes the next event of its key due at
-/// once if a claim had [`defer`]red it. That update always writes the next
-/// event (keeping `available_at` when it was not deferred) so that it waits
-/// for, and then sees, a `defer` of it in progress.
+/// once if a claim had [`defer`]red it, in the same statement (so a relay
+/// dying right after cannot leave it waiting). That update always writes
+/// the next event (keeping `available_at` when it was not deferred), so it
+/// waits for, and then sees, a [`defer`] of it in progress. A deferral of a
+/// next event committed after this statement's snapshot is caught by
+/// [`wake_successors`], run after it.
 pub(crate) fn settle(
     conn: &mut PgConnection,
     token: i64,
@@ -426,6 +433,47 @@ fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryRe
 
 fn unknown_parameter(n: usize) -> diesel::result::Error {
     diesel::result::Error::QueryBuilderError(format!("statement has no parameter ${n}").into())
+}
+
+/// Makes the next event of each key due at once, where a claim had
+/// [`defer`]red it: `done` are the (id, key) of keyed events just deleted
+/// (delivered or dead-lettered) by a settle that has committed.
+///
+/// The settle already does this; this second look, with a snapshot taken
+/// after the settle committed, catches a successor the settle could not
+/// see: one committed after the settle's snapshot and deferred while the
+/// settle waited for the deferral's lock on the deleted event. If it fails,
+/// such an event comes due by itself [`DEFER_MARGIN`] after its
+/// predecessor's lease.
+pub(crate) fn wake_successors(conn: &mut PgConnection, done: &[(i64, &str)]) -> QueryResult<usize> {
+    struct WakeBinds {
+        ids: Vec<i64>,
+        keys: Vec<String>,
+    }
+    impl Binds for WakeBinds {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<Array<BigInt>, _>(&self.ids),
+                2 => out.push_bind_param::<Array<Text>, _>(&self.keys),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct WakeSuccessorsStatement;
+    Prepared::<WakeSuccessorsStatement, _>::new(
+        "UPDATE outbox.events e
+            SET available_at = now(),
+                deferred = false
+           FROM unnest($1::bigint[], $2::text[]) AS done(id, key)
+          WHERE e.id = (SELECT min(next.id) FROM outbox.events next
+                         WHERE next.key = done.key AND next.id > done.id)
+            AND e.deferred",
+        WakeBinds {
+            ids: done.iter().map(|(id, _)| *id).collect(),
+            keys: done.iter().map(|(_, key)| (*key).to_owned()).collect(),
+        },
+    )
+    .execute(conn)
 }
 
 /// Extends the lease of events still held under `token`, for deliveries
