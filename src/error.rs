@@ -51,6 +51,16 @@ pub enum Error {
     )]
     NulInPayload,
 
+    /// The payload nests arrays and objects deeper than
+    /// [`MAX_PAYLOAD_DEPTH`](crate::MAX_PAYLOAD_DEPTH) levels. PostgreSQL
+    /// would store it, but the relay (serde_json) cannot read it back, so it
+    /// could only be dead-lettered. Flatten it. Nothing was written.
+    #[error("event payload nests deeper than {limit} levels, which the relay cannot read")]
+    PayloadTooDeep {
+        /// The deepest nesting allowed.
+        limit: usize,
+    },
+
     /// A stored payload does not deserialize into the requested type.
     #[error("event {id} payload does not match the expected type")]
     Decode {
