@@ -4,6 +4,7 @@
 mod pg;
 
 mod admin;
+mod bad_inputs;
 #[cfg(feature = "cli")]
 mod cli;
 mod common;
