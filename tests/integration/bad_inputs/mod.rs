@@ -5,3 +5,7 @@
 
 #[cfg(feature = "cli")]
 mod cli;
+mod database;
+mod publish;
+#[cfg(feature = "webhook")]
+mod webhook;
