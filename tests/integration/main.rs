@@ -18,6 +18,7 @@ mod relay_order;
 mod relay_processes;
 mod relay_support;
 mod schema_contract;
+mod security;
 #[cfg(feature = "amqp")]
 mod sink_amqp;
 #[cfg(feature = "nats")]
