@@ -9,6 +9,7 @@ mod bad_inputs;
 mod cli;
 mod common;
 mod migrate;
+mod properties;
 mod publish;
 mod relay_connections;
 mod relay_delivery;
