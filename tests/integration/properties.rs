@@ -47,7 +47,7 @@ fn the_sql_claim_filter_takes_exactly_the_topics_the_rust_matcher_routes() {
         .run(&cases, |(patterns, topics)| {
             let mut conn = conn.borrow_mut();
             conn.batch_execute("DELETE FROM outbox.events").unwrap();
-            let ids = outbox::transaction(&mut *conn, |tx| {
+            let ids = outbox::transaction(&mut conn, |tx| {
                 tx.publish_events(
                     topics
                         .iter()

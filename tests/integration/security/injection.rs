@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use outbox::{DeliveryError, StoredEvent};
 
 use crate::common::count;
-use crate::pg;
 use crate::relay_support::{Signal, PATIENCE};
 
 /// Strings that would do damage if anything spliced them into SQL.
@@ -94,7 +93,7 @@ fn injection_strings_are_stored_delivered_and_dead_lettered_verbatim() {
 #[cfg(feature = "cli")]
 #[test]
 fn injection_strings_pass_through_the_command_line_verbatim() {
-    let db = pg::test_db();
+    let db = crate::pg::test_db();
     let run = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
             .args(args)
