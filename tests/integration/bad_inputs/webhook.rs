@@ -82,8 +82,7 @@ fn relay_to(bed: &RelayBed, url: &str) -> outbox::Relay {
         .unwrap()
 }
 
-/// Waits until the relay has answered for every published event, then
-/// gives the server a moment to notice the client is gone.
+/// Waits until the relay has settled `n` events, delivered or dead.
 fn settled(bed: &RelayBed, n: usize) {
     bed.signals.until(|s| {
         s.iter()
@@ -163,6 +162,75 @@ fn https_to_a_plain_http_server_is_a_transient_tls_failure() {
             format!("gave up after 2 attempts: {tls_error}")
         )]
     );
+}
+
+/// A TLS server on 127.0.0.1 with the self-signed certificate of
+/// `tests/fixtures/tls`. Returns its URL and how many requests got through
+/// a handshake.
+fn self_signed_server() -> (String, Arc<AtomicU64>) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let certs = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/hook", listener.local_addr().unwrap());
+    let through = Arc::new(AtomicU64::default());
+    let count = through.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(connection, stream);
+            // Reading drives the handshake; the client aborts it.
+            if tls.read(&mut [0; 1]).is_ok_and(|n| n > 0) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    (url, through)
+}
+
+#[test]
+fn a_self_signed_certificate_is_a_transient_tls_failure() {
+    let bed = setup();
+    let (url, through) = self_signed_server();
+    let relay = relay_to(&bed, &url);
+    let ids = bed.publish(&[("t", None)]);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    let retried = retries(&seen);
+    assert_eq!(retried.len(), 1, "{seen:?}");
+    assert_eq!(
+        retried[0].2,
+        "request failed: io: invalid peer certificate: UnknownIssuer"
+    );
+    let letters = dead_letters(&mut bed.conn());
+    assert_eq!(
+        letters,
+        [(
+            ids[0].get(),
+            "t".to_owned(),
+            2,
+            format!("gave up after 2 attempts: {}", retried[0].2)
+        )]
+    );
+    assert_eq!(through.load(Ordering::Relaxed), 0);
 }
 
 #[test]
