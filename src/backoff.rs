@@ -175,6 +175,83 @@ mod tests {
         assert_eq!(backoff.delay(0, &mut rng()), Duration::from_millis(1));
     }
 
+    /// Valid schedules: base from 1 µs to about 11 days, cap at or above
+    /// it (possibly far above), factor from 1 to 1000, any jitter.
+    fn schedules() -> impl proptest::strategy::Strategy<Value = Backoff> {
+        use proptest::prelude::*;
+        (
+            1u64..1_000_000_000_000,
+            0u64..1_000_000_000_000_000,
+            1.0f64..1_000.0,
+            0.0f64..=1.0,
+        )
+            .prop_map(|(base_us, extra_us, factor, jitter)| {
+                let base = Duration::from_micros(base_us);
+                Backoff::new(base, base + Duration::from_micros(extra_us), factor, jitter)
+            })
+    }
+
+    /// The delay before jitter, computed the obvious way for comparison.
+    fn ceiling(backoff: &Backoff, attempt: u32) -> f64 {
+        let exponent = attempt.saturating_sub(1).min(1_000) as i32;
+        (backoff.base.as_secs_f64() * backoff.factor.powi(exponent)).min(backoff.cap.as_secs_f64())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_delay_lies_within_its_jitter_band_and_never_above_the_cap(
+            backoff in schedules(),
+            attempt: u32,
+            seed: u64,
+        ) {
+            proptest::prop_assume!(backoff.check().is_ok());
+            let delay = backoff.delay(attempt, &mut rand::rngs::StdRng::seed_from_u64(seed));
+            let ceiling = ceiling(&backoff, attempt);
+            proptest::prop_assert!(delay <= backoff.cap);
+            // Slack for the f64 → Duration → f64 round trip: a nanosecond,
+            // or the f64 precision of large delays.
+            let slack = 1e-9 + ceiling * 1e-12;
+            proptest::prop_assert!(delay.as_secs_f64() <= ceiling + slack, "{delay:?} > {ceiling}");
+            proptest::prop_assert!(
+                delay.as_secs_f64() >= ceiling * (1.0 - backoff.jitter) - slack,
+                "{delay:?} < {ceiling} × (1 − {})", backoff.jitter
+            );
+        }
+
+        #[test]
+        fn with_the_same_random_draw_a_later_attempt_never_waits_less(
+            backoff in schedules(),
+            attempt in 0u32..2_000,
+            seed: u64,
+        ) {
+            // The same seed gives the same jitter fraction, so this compares
+            // the pre-jitter schedule: non-decreasing up to the cap.
+            let rng = || rand::rngs::StdRng::seed_from_u64(seed);
+            let now = backoff.delay(attempt, &mut rng());
+            let next = backoff.delay(attempt + 1, &mut rng());
+            proptest::prop_assert!(now <= next, "attempt {attempt}: {now:?} then {next:?}");
+        }
+
+        #[test]
+        fn without_jitter_the_schedule_reaches_the_cap_and_stays_there(
+            base_ms in 1u64..10_000,
+            cap_factor in 1u64..1_000,
+            factor in 1.5f64..10.0,
+            attempt in 1u32..=u32::MAX,
+        ) {
+            let base = Duration::from_millis(base_ms);
+            let cap = base * cap_factor as u32;
+            let backoff = Backoff::new(base, cap, factor, 0.0);
+            let delay = backoff.delay(attempt, &mut rng());
+            // factor ≥ 1.5 grows past any cap ≤ 1000 × base within 18 steps.
+            if attempt > 18 {
+                proptest::prop_assert_eq!(delay, cap);
+            } else {
+                proptest::prop_assert!(delay >= base && delay <= cap);
+            }
+        }
+    }
+
     #[test]
     fn impossible_settings_name_their_field() {
         let s = Duration::from_secs(1);

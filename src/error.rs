@@ -51,6 +51,16 @@ pub enum Error {
     )]
     NulInPayload,
 
+    /// The payload nests arrays and objects deeper than
+    /// [`MAX_PAYLOAD_DEPTH`](crate::MAX_PAYLOAD_DEPTH) levels. PostgreSQL
+    /// would store it, but the relay (serde_json) cannot read it back, so it
+    /// could only be dead-lettered. Flatten it. Nothing was written.
+    #[error("event payload nests deeper than {limit} levels, which the relay cannot read")]
+    PayloadTooDeep {
+        /// The deepest nesting allowed.
+        limit: usize,
+    },
+
     /// A stored payload does not deserialize into the requested type.
     #[error("event {id} payload does not match the expected type")]
     Decode {
@@ -67,9 +77,10 @@ pub enum Error {
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     /// Connecting to the database failed: it is unreachable, refuses the
-    /// credentials, or the URL is malformed.
+    /// credentials, or the URL is malformed. A password quoted in the cause
+    /// (libpq quotes the whole URL when it cannot parse it) is masked.
     #[error("could not connect to the database")]
-    Connect(#[from] diesel::ConnectionError),
+    Connect(#[source] diesel::ConnectionError),
 
     /// No connection could be taken from the pool in time (the database is
     /// down, or the pool is exhausted).
@@ -126,6 +137,20 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
+impl From<diesel::ConnectionError> for Error {
+    /// Wraps the error, masking any password in libpq's message: for a URL
+    /// it cannot parse (`postgres://user:pw@[::1/db`), libpq repeats the
+    /// whole URL, and errors end up in logs.
+    fn from(error: diesel::ConnectionError) -> Self {
+        use diesel::ConnectionError as E;
+        Error::Connect(match error {
+            E::BadConnection(message) => E::BadConnection(redact_passwords(&message)),
+            E::InvalidConnectionUrl(message) => E::InvalidConnectionUrl(redact_passwords(&message)),
+            other => other,
+        })
+    }
+}
+
 impl From<Error> for diesel::result::Error {
     /// Carries an `outbox::Error` through APIs that speak diesel's error
     /// type; `outbox::Error::from` unwraps it again.
@@ -146,5 +171,65 @@ pub(crate) fn excerpt(text: &str) -> String {
     }
 }
 
+/// `text` with the password of every `scheme://user:password@…` in it
+/// replaced by `***`. Errors that quote a URL (libpq quotes one it cannot
+/// parse) go through this before they reach a message. It errs on the side
+/// of masking: everything between the first `:` after `://` and the last
+/// `@` of the same word goes.
+pub(crate) fn redact_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (before, after) = rest.split_at(start + 3);
+        out.push_str(before);
+        // The URL ends at whitespace or a quote (libpq quotes it in "…").
+        let end = after
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        let url = &after[..end];
+        match url
+            .rfind('@')
+            .and_then(|at| Some((url[..at].find(':')?, at)))
+        {
+            Some((colon, at)) => {
+                out.push_str(&url[..=colon]);
+                out.push_str("***");
+                out.push_str(&url[at..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_quoted_urls_are_masked() {
+        assert_eq!(
+            redact_passwords(
+                r#"end of string reached when looking for matching "]" in IPv6 host address in URI: "postgres://app:s3cr:et@[::1/db""#
+            ),
+            r#"end of string reached when looking for matching "]" in IPv6 host address in URI: "postgres://app:***@[::1/db""#
+        );
+        assert_eq!(
+            redact_passwords("a postgres://u:p@h/db and amqp://x:y@z/ here"),
+            "a postgres://u:***@h/db and amqp://x:***@z/ here"
+        );
+        for untouched in [
+            "postgres://u@h/db",
+            "postgres://h:5432/db",
+            "no url at all",
+            "http://h/a@b",
+        ] {
+            assert_eq!(redact_passwords(untouched), untouched);
+        }
+    }
+}

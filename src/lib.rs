@@ -104,7 +104,7 @@ pub use backoff::Backoff;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, Headers, StoredEvent};
 pub use migrate::migrate;
-pub use new_event::{validate_topic, NewEvent, MAX_TOPIC_LEN};
+pub use new_event::{validate_topic, NewEvent, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use queue::queued_events;
 pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};

@@ -11,6 +11,12 @@ use crate::event::{Event, Headers};
 /// The longest topic accepted, in bytes (the table enforces the same limit).
 pub const MAX_TOPIC_LEN: usize = 255;
 
+/// The deepest nesting of arrays and objects a payload may have. serde_json,
+/// which the relay reads payloads with, refuses anything deeper (its
+/// recursion limit), so such an event could only ever be dead-lettered:
+/// publishing refuses it instead ([`Error::PayloadTooDeep`]).
+pub const MAX_PAYLOAD_DEPTH: usize = 127;
+
 /// An event to publish, with options: ordering key, headers, delayed
 /// delivery. Built from a typed [`Event`] or, for generic code, from a topic
 /// string and a JSON value.
@@ -130,6 +136,11 @@ impl NewEvent {
         if json_has_nul(&payload) {
             return Err(Error::NulInPayload);
         }
+        if json_depth(&payload) > MAX_PAYLOAD_DEPTH {
+            return Err(Error::PayloadTooDeep {
+                limit: MAX_PAYLOAD_DEPTH,
+            });
+        }
         let headers = if self.headers.is_empty() {
             None
         } else {
@@ -196,9 +207,54 @@ fn json_has_nul(json: &str) -> bool {
     false
 }
 
+/// The deepest nesting of arrays and objects in serde_json output. Brackets
+/// inside strings do not count; escapes are skipped pairwise as in
+/// [`json_has_nul`].
+fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string) = (0usize, 0usize, false);
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match (in_string, bytes[i]) {
+            (true, b'\\') => i += 1, // skip the escaped character
+            (_, b'"') => in_string = !in_string,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    deepest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(depth: usize) -> String {
+        "[".repeat(depth) + &"]".repeat(depth)
+    }
+
+    #[test]
+    fn the_depth_limit_is_exactly_what_serde_json_reads() {
+        let deepest = nested(MAX_PAYLOAD_DEPTH);
+        assert_eq!(json_depth(&deepest), MAX_PAYLOAD_DEPTH);
+        assert!(serde_json::from_str::<serde_json::Value>(&deepest).is_ok());
+        let too_deep = nested(MAX_PAYLOAD_DEPTH + 1);
+        assert_eq!(json_depth(&too_deep), MAX_PAYLOAD_DEPTH + 1);
+        let error = serde_json::from_str::<serde_json::Value>(&too_deep).unwrap_err();
+        assert!(error.to_string().starts_with("recursion limit exceeded"));
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_nest() {
+        assert_eq!(json_depth(r#"{"a":"[[[{{{","b":["\"[["]}"#), 2);
+        assert_eq!(json_depth(r#""\\""#), 0);
+        assert_eq!(json_depth("1"), 0);
+    }
 
     #[test]
     fn escaped_nul_is_found_and_escaped_backslash_is_not() {

@@ -196,7 +196,11 @@ impl RelayBuilder {
         if let Some(url) = &self.listen_url {
             super::pq::PqListener::check_url(url).map_err(|reason| Error::Config {
                 field: "listen",
-                reason: format!("is not a PostgreSQL connection URL: {reason}"),
+                // libpq quotes the whole URL, password included.
+                reason: format!(
+                    "is not a PostgreSQL connection URL: {}",
+                    crate::error::redact_passwords(&reason)
+                ),
             })?;
         } else {
             tracing::warn!(relay = %name, "no listener configured (RelayBuilder::listen): delivering by polling only");

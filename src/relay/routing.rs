@@ -148,8 +148,9 @@ mod tests {
     use crate::sink::DeliveryError;
     use crate::StoredEvent;
 
-    fn sink(name: &'static str) -> Arc<dyn Sink> {
-        Arc::new(move |_: &StoredEvent| Err::<(), _>(DeliveryError::permanent(name)))
+    fn sink(name: &str) -> Arc<dyn Sink> {
+        let name = name.to_owned();
+        Arc::new(move |_: &StoredEvent| Err::<(), _>(DeliveryError::permanent(name.clone())))
     }
 
     fn name_of(routes: &Routes, topic: &str) -> Option<String> {
@@ -170,7 +171,7 @@ mod tests {
     }
 
     /// Routes `pattern` to a sink that answers with `name`.
-    fn route(routes: &mut Routes, pattern: &str, name: &'static str) {
+    fn route(routes: &mut Routes, pattern: &str, name: &str) {
         let pattern = TopicPattern::parse(pattern).expect("a valid pattern in this test");
         routes
             .add(pattern, sink(name))
@@ -208,6 +209,130 @@ mod tests {
                 ),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// PostgreSQL's `LIKE` with the default escape character, as a
+    /// reference: `%` any run, `_` any one character, `\x` a literal `x`.
+    fn like(text: &[char], pattern: &[char]) -> bool {
+        match pattern.split_first() {
+            None => text.is_empty(),
+            Some(('%', rest)) => (0..=text.len()).any(|skip| like(&text[skip..], rest)),
+            Some(('_', rest)) => !text.is_empty() && like(&text[1..], rest),
+            Some(('\\', rest)) => match (rest.split_first(), text.split_first()) {
+                (Some((literal, rest)), Some((first, text))) => {
+                    literal == first && like(text, rest)
+                }
+                _ => false,
+            },
+            Some((literal, rest)) => text.first() == Some(literal) && like(&text[1..], rest),
+        }
+    }
+
+    /// The claim filter as the claim statement applies it:
+    /// `$all OR topic = ANY($exact) OR topic LIKE ANY($like)`.
+    fn filter_takes(filter: &TopicFilter, topic: &str) -> bool {
+        let topic: Vec<char> = topic.chars().collect();
+        filter.all
+            || filter
+                .exact
+                .iter()
+                .any(|e| e.chars().eq(topic.iter().copied()))
+            || filter
+                .like
+                .iter()
+                .any(|p| like(&topic, &p.chars().collect::<Vec<_>>()))
+    }
+
+    /// Topics over a small alphabet rich in `LIKE` metacharacters, so that
+    /// prefixes and topics often overlap.
+    const TOPIC: &str = r"[ab.%_\\]{1,6}";
+
+    /// A pattern as written: `*`, a topic, or a topic followed by `*`.
+    fn pattern() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            1 => Just("*".to_owned()),
+            3 => TOPIC,
+            3 => TOPIC.prop_map(|t| format!("{t}*")),
+        ]
+    }
+
+    /// The pattern language by its definition, for comparison.
+    fn reference_matches(pattern: &str, topic: &str) -> bool {
+        match pattern.strip_suffix('*') {
+            Some("") => true,
+            Some(prefix) => topic.starts_with(prefix),
+            None => topic == pattern,
+        }
+    }
+
+    /// What should win for `topic`: an exact match, else the longest
+    /// matching prefix, else `*`.
+    fn reference_winner<'a>(patterns: &[&'a str], topic: &str) -> Option<&'a str> {
+        let matching = patterns
+            .iter()
+            .copied()
+            .filter(|p| reference_matches(p, topic));
+        matching.max_by_key(|p| match p.strip_suffix('*') {
+            None => (2, 0),
+            Some(prefix) if !prefix.is_empty() => (1, prefix.len()),
+            Some(_) => (0, 0),
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_pattern_matches_exactly_what_its_definition_says(
+            pattern in pattern(),
+            topic in TOPIC,
+        ) {
+            let parsed = TopicPattern::parse(&pattern).unwrap();
+            proptest::prop_assert_eq!(parsed.to_string(), pattern.clone());
+            proptest::prop_assert_eq!(
+                parsed.matches(&topic),
+                reference_matches(&pattern, &topic)
+            );
+        }
+
+        #[test]
+        fn the_most_specific_matching_pattern_wins(
+            patterns in proptest::collection::btree_set(pattern(), 1..8),
+            topics in proptest::collection::vec(TOPIC, 1..16),
+        ) {
+            let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+            let mut routes = Routes::default();
+            for pattern in &patterns {
+                // Each sink answers with its own pattern.
+                route(&mut routes, pattern, pattern);
+            }
+            for topic in &topics {
+                let winner = name_of(&routes, topic);
+                proptest::prop_assert_eq!(
+                    winner.as_deref(),
+                    reference_winner(&patterns, topic),
+                    "topic {:?}", topic
+                );
+            }
+        }
+
+        #[test]
+        fn the_claim_filter_takes_exactly_the_routed_topics(
+            patterns in proptest::collection::btree_set(pattern(), 1..8),
+            topics in proptest::collection::vec(TOPIC, 1..16),
+        ) {
+            let mut routes = Routes::default();
+            for pattern in &patterns {
+                route(&mut routes, pattern, "x");
+            }
+            let filter = routes.claim_filter();
+            for topic in &topics {
+                proptest::prop_assert_eq!(
+                    filter_takes(&filter, topic),
+                    routes.sink_for(topic).is_some(),
+                    "topic {:?}, filter {:?}", topic, filter
+                );
+            }
         }
     }
 

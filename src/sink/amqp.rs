@@ -61,12 +61,22 @@ impl std::fmt::Debug for AmqpSink {
 }
 
 /// Settings of an [`AmqpSink`].
-#[derive(Debug)]
 pub struct AmqpBuilder {
     url: String,
     exchange: String,
     routing_key: Option<String>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for AmqpBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may carry a password or a token.
+        f.debug_struct("AmqpBuilder")
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AmqpSink {

@@ -53,11 +53,20 @@ impl std::fmt::Debug for NatsSink {
 }
 
 /// Settings of a [`NatsSink`].
-#[derive(Debug)]
 pub struct NatsBuilder {
     url: String,
     prefix: String,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for NatsBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may carry a password or a token.
+        f.debug_struct("NatsBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsSink {

@@ -38,12 +38,22 @@ enum Target {
 }
 
 /// Settings of a [`RedisSink`].
-#[derive(Debug)]
 pub struct RedisBuilder {
     url: String,
     prefix: String,
     stream: Option<String>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may carry a password or a token.
+        f.debug_struct("RedisBuilder")
+            .field("prefix", &self.prefix)
+            .field("stream", &self.stream)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisSink {

@@ -94,12 +94,31 @@ impl std::fmt::Debug for WebhookSink {
 }
 
 /// Settings of a [`WebhookSink`].
-#[derive(Debug)]
 pub struct WebhookBuilder {
     url: String,
     secret: Option<String>,
     headers: Vec<(String, String)>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for WebhookBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never a password from the URL, the secret, or header values (they
+        // carry API tokens).
+        f.debug_struct("WebhookBuilder")
+            .field("url", &crate::error::redact_passwords(&self.url))
+            .field("signed", &self.secret.is_some())
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl WebhookSink {
@@ -381,6 +400,18 @@ mod tests {
             .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
             .build()
             .is_ok());
+    }
+
+    #[test]
+    fn a_builder_never_shows_its_secrets() {
+        let builder = WebhookSink::builder("https://user:hunter2@example.com/hook")
+            .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .header("authorization", "Bearer tok-123");
+        let shown = format!("{builder:?}");
+        for secret in ["hunter2", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "tok-123"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("signed: true"), "{shown}");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 mod pg;
 
 mod admin;
+mod bad_inputs;
 #[cfg(feature = "cli")]
 mod cli;
 mod common;
 mod migrate;
+mod properties;
 mod publish;
 mod relay_connections;
 mod relay_deferral;
@@ -19,6 +21,7 @@ mod relay_processes;
 mod relay_support;
 mod relay_wakeup;
 mod schema_contract;
+mod security;
 #[cfg(feature = "amqp")]
 mod sink_amqp;
 #[cfg(feature = "nats")]

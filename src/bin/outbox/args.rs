@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Transactional outbox for PostgreSQL: migrate, publish, relay, inspect.
@@ -78,17 +79,35 @@ pub struct Relay {
     /// Where events go.
     #[arg(long, value_enum)]
     pub sink: SinkKind,
+    // The relay's limits are checked here too, so that a bad value is a
+    // usage error (exit 2) before the database is touched, not hidden behind
+    // a database that is down or unmigrated.
     /// Worker threads.
-    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_WORKERS)]
+    #[arg(
+        long,
+        default_value_t = outbox::RelayBuilder::DEFAULT_WORKERS,
+        value_parser = clap::value_parser!(u64)
+            .range(1..=outbox::RelayBuilder::MAX_WORKERS as u64)
+            .map(|n| n as usize),
+    )]
     pub workers: usize,
     /// Events claimed per round.
-    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_BATCH_SIZE)]
+    #[arg(
+        long,
+        default_value_t = outbox::RelayBuilder::DEFAULT_BATCH_SIZE,
+        value_parser = clap::value_parser!(u32)
+            .range(1..=i64::from(outbox::RelayBuilder::MAX_BATCH_SIZE)),
+    )]
     pub batch_size: u32,
     /// Fallback poll interval (500ms, 1s …).
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = parse_positive_duration, default_value = "1s")]
     pub poll_interval: Duration,
     /// Attempts before an event is dead-lettered.
-    #[arg(long, default_value_t = outbox::RelayBuilder::DEFAULT_MAX_ATTEMPTS)]
+    #[arg(
+        long,
+        default_value_t = outbox::RelayBuilder::DEFAULT_MAX_ATTEMPTS,
+        value_parser = clap::value_parser!(u32).range(1..),
+    )]
     pub max_attempts: u32,
     /// How long a claim holds an event: a killed relay's events come due
     /// again this long after they were claimed (default 30s).
@@ -121,7 +140,7 @@ pub struct Relay {
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
     /// webhook: the request timeout.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_positive_duration)]
     pub timeout: Option<Duration>,
 
     /// nats: the server URL.
@@ -220,6 +239,13 @@ pub struct WhichPurge {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 500ms, 30s, 2h)"))
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        zero if zero.is_zero() => Err("must be greater than zero".to_owned()),
+        duration => Ok(duration),
+    }
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {

@@ -51,9 +51,17 @@ fn main() -> ExitCode {
 /// `RUST_LOG` chooses what is logged (default: info, with the broker
 /// clients quieter: lapin logs whole returned messages, payloads included,
 /// at warn), `--log-format` how: human-readable or one JSON object per line.
+/// Whatever `RUST_LOG` says, ureq's wire dump stays off: at trace it prints
+/// every request byte for byte, `Authorization` headers (a webhook URL's
+/// password, API tokens from `--header`) included.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=error,async_nats=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=error,async_nats=warn"))
+        .add_directive(
+            "ureq_proto::util=off"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a valid directive")),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| QuietStderr)

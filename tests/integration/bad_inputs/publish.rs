@@ -1,0 +1,212 @@
+//! Bad payloads, topics and schedules on the way in, through the library
+//! and through plain SQL.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, SubsecRound, TimeZone, Utc};
+use diesel::prelude::*;
+
+use crate::common::count;
+use crate::pg;
+use crate::relay_support::{setup, Signal, PATIENCE};
+
+fn publish(conn: &mut PgConnection, event: outbox::NewEvent) -> outbox::Result<outbox::EventId> {
+    outbox::transaction(conn, |tx| tx.publish_event(event)).map_err(outbox::Error::from)
+}
+
+#[test]
+fn a_50_mb_payload_is_stored_and_delivered_whole() {
+    let bed = setup();
+    let blob = "x".repeat(50 << 20);
+    let received: Arc<Mutex<Option<usize>>> = Arc::default();
+    let seen = received.clone();
+    let relay = bed
+        .relay()
+        .route("*", move |e: &outbox::StoredEvent| {
+            let text = e.payload["blob"].as_str().unwrap_or_default();
+            let whole = text.len() == 50 << 20 && text.bytes().all(|b| b == b'x');
+            *seen.lock().unwrap() = Some(if whole { text.len() } else { 0 });
+            Ok(())
+        })
+        .start()
+        .unwrap();
+    let id = publish(
+        &mut bed.conn(),
+        outbox::NewEvent::dynamic("big", serde_json::json!({ "blob": blob })),
+    )
+    .unwrap();
+    assert_eq!(bed.signals.delivered(1), [id]);
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(*received.lock().unwrap(), Some(50 << 20));
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+/// `depth` nested arrays around `1`.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+}
+
+#[test]
+fn a_payload_nested_deeper_than_the_relay_reads_is_refused_and_the_deepest_readable_is_delivered() {
+    let bed = setup();
+    let mut conn = bed.conn();
+    let too_deep = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("deep", nested(outbox::MAX_PAYLOAD_DEPTH + 1)),
+    );
+    assert!(
+        matches!(too_deep, Err(outbox::Error::PayloadTooDeep { limit: 127 })),
+        "{too_deep:?}"
+    );
+    assert_eq!(count(&mut conn, "outbox.events"), 0);
+
+    let relay = bed
+        .relay()
+        .route("*", |_: &outbox::StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    let id = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("deep", nested(outbox::MAX_PAYLOAD_DEPTH)),
+    )
+    .unwrap();
+    assert_eq!(bed.signals.delivered(1), [id]);
+    relay.shutdown(PATIENCE).unwrap();
+}
+
+#[test]
+fn a_payload_nested_too_deep_by_plain_sql_is_dead_lettered_with_the_reason() {
+    let bed = setup();
+    let relay = bed
+        .relay()
+        .route("*", |_: &outbox::StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    let deep = "[".repeat(1000) + &"]".repeat(1000);
+    // A readable event beside it: the unreadable one has no hook of its own
+    // (there is no event to hand one), the batch's delivery says when it
+    // settled.
+    diesel::sql_query(format!(
+        "INSERT INTO outbox.events (topic, payload) VALUES ('deep', '{deep}'), ('t', '{{}}')"
+    ))
+    .execute(&mut bed.conn())
+    .unwrap();
+    bed.signals.until(|s| {
+        s.iter().any(|s| matches!(s, Signal::Delivered { .. })) && relay.stats().dead_lettered == 1
+    });
+    relay.shutdown(PATIENCE).unwrap();
+    let letters = crate::relay_support::dead_letters(&mut bed.conn());
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        (letters[0].0, letters[0].2, letters[0].3.as_str()),
+        (
+            1,
+            1,
+            "unreadable event: payload is valid jsonb but not readable here: \
+             recursion limit exceeded at line 1 column 128"
+        )
+    );
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn a_10000_character_topic_is_refused_by_the_library_and_by_the_table() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let topic = "t".repeat(10_000);
+    let result = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic(&topic, serde_json::json!({})),
+    );
+    let Err(outbox::Error::InvalidTopic {
+        topic: shown,
+        reason,
+    }) = result
+    else {
+        panic!("expected InvalidTopic, got {result:?}");
+    };
+    assert_eq!(reason, "longer than 255 bytes");
+    // The message quotes only the start of the topic.
+    assert_eq!(shown, format!("{}…", "t".repeat(64)));
+    let error = diesel::sql_query(format!(
+        "INSERT INTO outbox.events (topic, payload) VALUES ('{topic}', '{{}}')"
+    ))
+    .execute(&mut conn)
+    .unwrap_err();
+    assert!(error.to_string().contains("events_topic_valid"), "{error}");
+    assert_eq!(count(&mut conn, "outbox.events"), 0);
+}
+
+#[test]
+fn an_event_due_in_the_far_future_waits_and_holds_back_its_key_only() {
+    let bed = setup();
+    let mut conn = bed.conn();
+    let year_9999 = Utc.with_ymd_and_hms(9999, 12, 31, 0, 0, 0).unwrap();
+    let later = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("t", serde_json::json!(1))
+            .key("k")
+            .available_at(year_9999),
+    )
+    .unwrap();
+    let blocked = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("t", serde_json::json!(2)).key("k"),
+    )
+    .unwrap();
+    let free = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("t", serde_json::json!(3)),
+    )
+    .unwrap();
+    let relay = bed
+        .relay()
+        .route("*", |_: &outbox::StoredEvent| Ok(()))
+        .start()
+        .unwrap();
+    // All three were committed before the relay started, so its first
+    // claim saw them all and took only the free one.
+    let seen = bed.signals.until(|s| s.len() >= 2);
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(
+        seen[..2],
+        [
+            Signal::Claimed(vec![free]),
+            Signal::Delivered {
+                id: free,
+                attempt: 1
+            }
+        ]
+    );
+    let queued = outbox::queued_events(&mut conn, 10).unwrap();
+    let ids: Vec<_> = queued.iter().map(|e| (e.id, e.attempts)).collect();
+    assert_eq!(ids, [(later, 0), (blocked, 0)]);
+    assert_eq!(queued[0].available_at, year_9999);
+    let status = outbox::status(&mut conn).unwrap();
+    assert_eq!(
+        (status.total.scheduled, status.total.due_now),
+        (1, 1),
+        "the held-back event counts as due"
+    );
+}
+
+#[test]
+fn a_delay_beyond_the_calendar_is_stored_as_the_latest_representable_time() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let id = publish(
+        &mut conn,
+        outbox::NewEvent::dynamic("t", serde_json::json!({})).delay(Duration::MAX),
+    )
+    .unwrap();
+    let queued = outbox::queued_events(&mut conn, 10).unwrap();
+    assert_eq!(queued[0].id, id);
+    // PostgreSQL keeps microseconds.
+    assert_eq!(
+        queued[0].available_at,
+        DateTime::<Utc>::MAX_UTC.trunc_subsecs(6)
+    );
+    assert_eq!(queued[0].available_at.year(), 262_142);
+    assert_eq!(outbox::status(&mut conn).unwrap().total.scheduled, 1);
+}
