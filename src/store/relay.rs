@@ -161,10 +161,16 @@ pub(crate) fn claim(
 /// huge backlog from being rescanned often.
 const DEFER_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How far ahead an event is deferred at most (before the margin), however
+/// late its earlier event is due: if that one is deleted by hand, or its
+/// delay is years, the deferred event is looked at again after this.
+const DEFER_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 /// Moves events that wait for an earlier event of their key (`ids`, from a
 /// claim) out of the claim's way: `available_at` past that earlier event's
-/// own `available_at` plus [`DEFER_MARGIN`], and `deferred` set so that
-/// settling the earlier event makes them due again ([`settle`]).
+/// own `available_at` (at most [`DEFER_AT_MOST`] ahead) plus
+/// [`DEFER_MARGIN`], and `deferred` set so that settling the earlier event
+/// makes them due again ([`settle`]).
 ///
 /// A statement of its own, after the claim has committed. It locks the
 /// earlier event (`FOR KEY SHARE`) before deferring, so a settle deleting
@@ -179,12 +185,14 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
     struct DeferBinds<'a> {
         ids: &'a [i64],
         margin_us: i64,
+        at_most_us: i64,
     }
     impl Binds for DeferBinds<'_> {
         fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
             match n {
                 1 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
                 2 => out.push_bind_param::<BigInt, _>(&self.margin_us),
+                3 => out.push_bind_param::<BigInt, _>(&self.at_most_us),
                 _ => Err(unknown_parameter(n)),
             }
         }
@@ -192,7 +200,8 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
     struct DeferStatement;
     Prepared::<DeferStatement, _>::new(
         "UPDATE outbox.events e
-            SET available_at = greatest(earlier.available_at, now())
+            SET available_at = least(greatest(earlier.available_at, now()),
+                                     now() + $3 * interval '1 microsecond')
                                + $2 * interval '1 microsecond',
                 deferred = true
            FROM unnest($1::bigint[]) AS b(id)
@@ -210,6 +219,7 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
         DeferBinds {
             ids,
             margin_us: micros(DEFER_MARGIN),
+            at_most_us: micros(DEFER_AT_MOST),
         },
     )
     .execute(conn)

@@ -219,7 +219,7 @@ fn two_migrations_at_once_apply_the_schema_exactly_once() {
     assert_eq!(
         outputs,
         [
-            (Some(0), "applied 1 migration(s)\n".to_owned()),
+            (Some(0), "applied 3 migration(s)\n".to_owned()),
             (Some(0), "schema up to date\n".to_owned()),
         ]
     );
