@@ -247,6 +247,16 @@ impl RelayBuilder {
                 .map_err(io_error)?,
             );
         }
+        if shared.housekeeping.enabled() {
+            let (shared, shutdown) = (shared.clone(), shutdown_rx.clone());
+            threads.push(
+                spawn(
+                    "outbox-housekeeper".into(),
+                    Box::new(move || super::housekeeping::run(shared, shutdown)),
+                )
+                .map_err(io_error)?,
+            );
+        }
         for index in 0..shared.config.workers {
             let worker = Worker {
                 shared: shared.clone(),

@@ -12,16 +12,23 @@
 //! the table's owner (or the database's); a relay role without that logs it
 //! once and leaves the table to autovacuum (docs/design.md).
 //!
+//! Workers only count what they settle and nudge the housekeeper thread,
+//! which vacuums on a pooled connection of its own: a delivering worker
+//! never waits for a VACUUM (inside a one-worker relay's round it cost a
+//! quarter of the drain rate).
+//!
 //! When a VACUUM leaves many dead rows behind, some session's old snapshot
 //! pins them; the relay names it in a warning, since only an operator can
 //! end it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{select, Receiver, Sender};
 use diesel::PgConnection;
 
+use super::Shared;
 use crate::store::maintenance;
 
 /// Settled events between two vacuums: the same threshold the migration
@@ -40,7 +47,9 @@ const PINNED_WARNING_EVERY: Duration = Duration::from_secs(60);
 pub(crate) struct Housekeeping {
     enabled: bool,
     settled: AtomicU64,
-    /// Held only by the worker vacuuming; others skip (`try_lock`).
+    /// Nudges the housekeeper thread (one pending nudge at most).
+    nudge: Sender<()>,
+    nudged: Receiver<()>,
     state: Mutex<State>,
 }
 
@@ -55,30 +64,41 @@ struct State {
 
 impl Housekeeping {
     pub(crate) fn new(enabled: bool) -> Self {
+        let (nudge, nudged) = crossbeam_channel::bounded(1);
         Housekeeping {
             enabled,
             settled: AtomicU64::new(0),
+            nudge,
+            nudged,
             state: Mutex::new(State::default()),
         }
     }
 
-    /// Counts events settled (each left a dead row version), and vacuums
-    /// on `conn` when that is due. Failures are logged, never returned:
-    /// the settle they follow has committed.
-    pub(crate) fn settled(&self, events: usize, conn: &mut PgConnection, relay: &str) {
+    /// Whether the relay runs a housekeeper thread at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Counts events settled (each left a dead row version) and nudges
+    /// the housekeeper once enough have been. Never blocks.
+    pub(crate) fn settled(&self, events: usize) {
         if !self.enabled {
             return;
         }
         let settled = self.settled.fetch_add(events as u64, Ordering::Relaxed) + events as u64;
-        if settled < VACUUM_AFTER_ROWS {
-            return;
+        if settled >= VACUUM_AFTER_ROWS {
+            let _ = self.nudge.try_send(());
         }
-        let Ok(mut state) = self.state.try_lock() else {
-            return; // another worker is at it
-        };
-        if state
-            .last_run
-            .is_some_and(|at| at.elapsed() < MIN_INTERVAL.max(state.last_took * SPACING))
+    }
+
+    /// Vacuums on `conn` if that is due now. Failures are logged, never
+    /// returned: nothing depends on them.
+    fn vacuum_if_due(&self, conn: &mut PgConnection, relay: &str) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.settled.load(Ordering::Relaxed) < VACUUM_AFTER_ROWS
+            || state
+                .last_run
+                .is_some_and(|at| at.elapsed() < MIN_INTERVAL.max(state.last_took * SPACING))
         {
             return;
         }
@@ -142,6 +162,29 @@ impl Housekeeping {
                 dead_rows = dead,
                 "VACUUM cannot remove dead rows of outbox.events (an old snapshot, a replication slot or a prepared transaction holds them); claims slow down until it is released"
             ),
+        }
+    }
+}
+
+/// The housekeeper thread: waits for a nudge (or the poll interval, so a
+/// nudge that came too early is not forgotten), then vacuums if due, on a
+/// pooled connection it gives back at once.
+pub(super) fn run(shared: Arc<Shared>, shutdown: Receiver<()>) {
+    let housekeeping = &shared.housekeeping;
+    loop {
+        select! {
+            recv(housekeeping.nudged) -> _ => {}
+            recv(shutdown) -> _ => return,
+            default(shared.config.poll_interval.max(MIN_INTERVAL)) => {}
+        }
+        if housekeeping.settled.load(Ordering::Relaxed) < VACUUM_AFTER_ROWS {
+            continue;
+        }
+        match shared.pool.get() {
+            Ok(mut conn) => housekeeping.vacuum_if_due(&mut conn, &shared.name),
+            Err(error) => {
+                tracing::debug!(relay = %shared.name, %error, "no connection to vacuum with");
+            }
         }
     }
 }

@@ -237,9 +237,7 @@ impl Worker {
         });
         let settled = outcomes.len();
         self.settle(slot, claimed.token, &events, outcomes)?;
-        if let Some(conn) = slot {
-            shared.housekeeping.settled(settled, conn, &shared.name);
-        }
+        shared.housekeeping.settled(settled);
         Ok(if full || unblocked || met_blocked {
             Round::More
         } else {

@@ -15,6 +15,7 @@ mod relay_connections;
 mod relay_deferral;
 mod relay_delivery;
 mod relay_failures;
+mod relay_housekeeping;
 mod relay_leases;
 mod relay_order;
 mod relay_processes;
