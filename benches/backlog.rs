@@ -8,7 +8,8 @@
 //! vacuumed, so the backlog keeps its size. The relay runs one worker and
 //! no listener, and its own vacuuming is off here, so both sides are timed
 //! on the same table state. The backlog has 1,000 keys (`customer-N`), so
-//! the per-key order probe is part of every claim.
+//! the per-key order probe is part of every claim; `OUTBOX_BACKLOG_KEYS=0`
+//! makes it keyless.
 //!
 //! Afterwards (printed, not a criterion group): the 1M backlog drained in
 //! rounds of 10,000 while another session holds a snapshot open, which
@@ -39,15 +40,24 @@ use diesel::r2d2::{ConnectionManager, Pool};
 const PER_ITERATION: usize = 10_000;
 const BATCH: u32 = 100;
 
-/// Appends `n` due events (1,000 keys) and refreshes the planner's view.
+/// How many ordering keys the backlog has (`OUTBOX_BACKLOG_KEYS`, 1,000 by
+/// default; 0: keyless events).
+fn keys() -> i64 {
+    std::env::var("OUTBOX_BACKLOG_KEYS")
+        .map_or(1_000, |k| k.parse().expect("OUTBOX_BACKLOG_KEYS: a number"))
+}
+
+/// Appends `n` due events and refreshes the planner's view.
 fn append(conn: &mut PgConnection, n: usize) {
     diesel::sql_query(
         "INSERT INTO outbox.events (topic, key, payload)
-         SELECT 'bench.backlog', 'customer-' || (g % 1000),
+         SELECT 'bench.backlog',
+                CASE WHEN $2 > 0 THEN 'customer-' || (g % $2) END,
                 jsonb_build_object('n', g, 'email', 'customer' || g || '@example.com')
            FROM generate_series(1, $1) g",
     )
     .bind::<diesel::sql_types::BigInt, _>(n as i64)
+    .bind::<diesel::sql_types::BigInt, _>(keys())
     .execute(conn)
     .unwrap();
 }
