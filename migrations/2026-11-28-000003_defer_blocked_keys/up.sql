@@ -14,3 +14,10 @@ ALTER TABLE outbox.events
     ADD COLUMN deferred boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN outbox.events.deferred IS
     'True while a relay has moved available_at forward because an earlier event of the same key is still queued; the relay makes the event due again when that one is settled. Publishers leave it false.';
+
+-- Settling a keyed event looks for the next deferred event of its key; the
+-- deferred events are few, so this index is small and the lookup cheap
+-- (a probe of events_key_idx costs a random page of a large index).
+CREATE INDEX events_deferred_idx ON outbox.events (key, id) WHERE deferred;
+COMMENT ON INDEX outbox.events_deferred_idx IS
+    'Deferred events by key: settling an event finds the next deferred event of its key with one probe of a small index.';

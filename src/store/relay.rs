@@ -281,13 +281,15 @@ struct SettledId {
 /// lease expired (and whose events another relay now holds) changes
 /// nothing. Returns the ids actually settled; the others were lost.
 ///
-/// A delivered or dead keyed event makes the next event of its key due at
-/// once if a claim had [`defer`]red it, in the same statement (so a relay
-/// dying right after cannot leave it waiting). Only deferred rows are
-/// written: writing every next row would double a keyed workload's writes
-/// (measured: the relay at 0.37x of raw SQL). A deferral this statement's
-/// snapshot cannot see (one it waited for, through the `FOR KEY SHARE`
-/// lock on the deleted event) is caught by [`wake_successors`], run after.
+/// A delivered or dead keyed event makes the next deferred event of its key
+/// due at once, in the same statement (so a relay dying right after cannot
+/// leave it waiting); one probe of the small `events_deferred_idx`. If an
+/// earlier event of the key is still queued, the next claim defers it
+/// again. Only deferred rows are written: writing every next row would
+/// double a keyed workload's writes (measured: the relay at 0.37x of raw
+/// SQL). A deferral this statement's snapshot cannot see (one it waited
+/// for, through the `FOR KEY SHARE` lock on the deleted event) is caught by
+/// [`wake_successors`], run after.
 pub(crate) fn settle(
     conn: &mut PgConnection,
     token: i64,
@@ -383,7 +385,8 @@ pub(crate) fn settle(
                FROM (SELECT id, key FROM delivered UNION ALL SELECT id, key FROM died) done
               WHERE done.key IS NOT NULL
                 AND e.id = (SELECT min(next.id) FROM outbox.events next
-                             WHERE next.key = done.key AND next.id > done.id)
+                             WHERE next.key = done.key AND next.id > done.id
+                               AND next.deferred)
                 AND e.deferred
          )
          SELECT id FROM delivered
@@ -433,7 +436,8 @@ fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryRe
                FROM delivered done
               WHERE done.key IS NOT NULL
                 AND e.id = (SELECT min(next.id) FROM outbox.events next
-                             WHERE next.key = done.key AND next.id > done.id)
+                             WHERE next.key = done.key AND next.id > done.id
+                               AND next.deferred)
                 AND e.deferred
          )
          SELECT id FROM delivered",
@@ -447,9 +451,9 @@ fn unknown_parameter(n: usize) -> diesel::result::Error {
     diesel::result::Error::QueryBuilderError(format!("statement has no parameter ${n}").into())
 }
 
-/// Makes the next event of each key due at once, where a claim had
-/// [`defer`]red it: `done` are the (id, key) of keyed events just deleted
-/// (delivered or dead-lettered) by a settle that has committed.
+/// Makes the next deferred event of each key due at once: `done` are the
+/// (id, key) of keyed events just deleted (delivered or dead-lettered) by a
+/// settle that has committed.
 ///
 /// The settle already does this for what its snapshot shows; this second
 /// look, with a snapshot taken after the settle committed, catches a
@@ -478,7 +482,8 @@ pub(crate) fn wake_successors(conn: &mut PgConnection, done: &[(i64, &str)]) -> 
                 deferred = false
            FROM unnest($1::bigint[], $2::text[]) AS done(id, key)
           WHERE e.id = (SELECT min(next.id) FROM outbox.events next
-                         WHERE next.key = done.key AND next.id > done.id)
+                         WHERE next.key = done.key AND next.id > done.id
+                           AND next.deferred)
             AND e.deferred",
         WakeBinds {
             ids: done.iter().map(|(id, _)| *id).collect(),
