@@ -12,7 +12,8 @@ use crate::common::count;
 use crate::pg;
 use crate::relay_support::PATIENCE;
 
-fn outbox(db_url: &str, args: &[&str]) -> Output {
+/// Runs the binary with `args` against `db_url`, quiet logs, no stdin.
+pub fn outbox(db_url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outbox"))
         .args(args)
         .env("DATABASE_URL", db_url)
@@ -26,7 +27,8 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+/// The captured stderr as text.
+pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 

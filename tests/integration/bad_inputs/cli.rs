@@ -5,22 +5,9 @@
 
 use std::process::{Command, Output, Stdio};
 
+use crate::cli::{outbox, stderr};
 use crate::common::count;
 use crate::pg;
-
-fn outbox(db_url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(args)
-        .env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 /// The first line of stderr, which is clap's `error: …` for usage errors.
 fn first_line(output: &Output) -> String {
