@@ -639,3 +639,69 @@ fn the_relay_serves_prometheus_metrics() {
     );
     assert!(body.contains("outbox_delivery_latency_seconds"), "{body}");
 }
+
+#[test]
+fn the_relay_names_the_session_whose_old_snapshot_pins_dead_rows() {
+    use std::io::BufRead;
+    let db = pg::test_db();
+    let publish = |conn: &mut diesel::PgConnection, n: i32| {
+        conn.batch_execute(&format!(
+            "INSERT INTO outbox.events (topic, payload)
+             SELECT 'pinned', jsonb_build_object('n', g) FROM generate_series(1, {n}) g"
+        ))
+        .unwrap();
+    };
+    // A session that keeps a snapshot: VACUUM may remove nothing deleted
+    // after it was taken.
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1 FROM outbox.relay_wakeup;")
+        .unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let pid = diesel::RunQueryDsl::get_result::<Pid>(
+        diesel::sql_query("SELECT pg_backend_pid() AS pid"),
+        &mut holder,
+    )
+    .unwrap()
+    .pid;
+
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--sink", "stdout"])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, warnings) = std::sync::mpsc::channel();
+    let stderr = relay.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    // 12,000 delivered rows the pinned snapshot keeps; the relay vacuums
+    // within a second or two of settling them and then looks why rows
+    // were left.
+    publish(&mut db.conn(), 12_000);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let warning = loop {
+        let line = warnings
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("no warning about the old snapshot");
+        if line.contains("old snapshot") {
+            break line;
+        }
+    };
+    let _ = relay.kill();
+    let _ = relay.wait();
+    holder.batch_execute("COMMIT").unwrap();
+    assert!(warning.contains(&format!("pid={pid}")), "{warning}");
+    assert!(warning.contains("pg_terminate_backend"), "{warning}");
+    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+}
