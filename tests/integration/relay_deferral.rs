@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Double};
 
@@ -42,28 +42,33 @@ fn wait_until_deferred(bed: &RelayBed, id: i64) -> f64 {
     }
 }
 
-/// A sink whose calls for the first event published (id 1) each wait for
-/// `release` and fail when it says `false`; other calls succeed at once.
-fn gate(recording: &Recording, release: Receiver<bool>) -> impl outbox::Sink {
-    recording.sink(move |event| {
-        if event.id.get() == 1 && !release.recv().unwrap() {
-            return Err(outbox::DeliveryError::transient("head fails"));
-        }
-        Ok(())
-    })
+/// A two-worker relay on `bed` whose sink records every call, and whose
+/// calls for the first event published (id 1) each wait for the returned
+/// sender and fail when it sends `false`; other calls succeed at once.
+fn gated_relay(bed: &RelayBed) -> (outbox::Relay, Recording, Sender<bool>) {
+    let recording = Recording::new();
+    let (release, gate): (Sender<bool>, Receiver<bool>) = bounded(1);
+    let relay = bed
+        .relay()
+        .workers(2)
+        .route(
+            "*",
+            recording.sink(move |event| {
+                if event.id.get() == 1 && !gate.recv().unwrap() {
+                    return Err(outbox::DeliveryError::transient("head fails"));
+                }
+                Ok(())
+            }),
+        )
+        .start()
+        .unwrap();
+    (relay, recording, release)
 }
 
 #[test]
 fn successors_wait_out_of_the_way_and_follow_as_soon_as_the_head_is_delivered() {
     let bed = setup();
-    let recording = Recording::new();
-    let (release, gate_rx) = bounded(1);
-    let relay = bed
-        .relay()
-        .workers(2)
-        .route("*", gate(&recording, gate_rx))
-        .start()
-        .unwrap();
+    let (relay, recording, release) = gated_relay(&bed);
     let ids = bed.publish(&[("t", Some("k")), ("t", Some("k")), ("t", Some("k"))]);
     // The head is held by the gate; the other worker meets the two others,
     // blocked, and moves them past the head's lease end (30 s) plus the
@@ -95,14 +100,7 @@ fn successors_wait_out_of_the_way_and_follow_as_soon_as_the_head_is_delivered() 
 #[test]
 fn a_publishers_delay_is_never_shortened_by_its_keys_progress() {
     let bed = setup();
-    let recording = Recording::new();
-    let (release, gate_rx) = bounded(1);
-    let relay = bed
-        .relay()
-        .workers(2)
-        .route("*", gate(&recording, gate_rx))
-        .start()
-        .unwrap();
+    let (relay, recording, release) = gated_relay(&bed);
     let mut conn = bed.conn();
     let head = bed.publish(&[("t", Some("k"))])[0];
     let delayed = outbox::transaction(&mut conn, |tx| {
