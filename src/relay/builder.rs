@@ -247,7 +247,7 @@ impl RelayBuilder {
                 .map_err(io_error)?,
             );
         }
-        if shared.housekeeping.enabled() {
+        {
             let (shared, shutdown) = (shared.clone(), shutdown_rx.clone());
             threads.push(
                 spawn(

@@ -29,7 +29,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 use diesel::PgConnection;
 
 use super::Shared;
-use crate::store::maintenance;
+use crate::store::{self, maintenance};
 
 /// Settled events between two vacuums: the same threshold the migration
 /// gives autovacuum.
@@ -72,11 +72,6 @@ impl Housekeeping {
             nudged,
             state: Mutex::new(State::default()),
         }
-    }
-
-    /// Whether the relay runs a housekeeper thread at all.
-    pub(crate) fn enabled(&self) -> bool {
-        self.enabled
     }
 
     /// Counts events settled (each left a dead row version) and nudges
@@ -166,24 +161,49 @@ impl Housekeeping {
     }
 }
 
-/// The housekeeper thread: waits for a nudge (or the poll interval, so a
-/// nudge that came too early is not forgotten), then vacuums if due, on a
-/// pooled connection it gives back at once.
+/// How often the housekeeper looks for deferred events nothing woke.
+const STRANDED_EVERY: Duration = Duration::from_secs(2);
+
+/// The housekeeper thread: waits for a nudge (or a timer, so a nudge that
+/// came too early is not forgotten), then vacuums if due; and every
+/// [`STRANDED_EVERY`] it makes due the deferred events whose earlier events
+/// are gone ([`store::wake_stranded`]). Each on a pooled connection it
+/// gives back at once.
 pub(super) fn run(shared: Arc<Shared>, shutdown: Receiver<()>) {
     let housekeeping = &shared.housekeeping;
+    let mut last_sweep = Instant::now();
     loop {
         select! {
             recv(housekeeping.nudged) -> _ => {}
             recv(shutdown) -> _ => return,
-            default(shared.config.poll_interval.max(MIN_INTERVAL)) => {}
+            default(shared.config.poll_interval.clamp(MIN_INTERVAL, STRANDED_EVERY)) => {}
         }
-        if housekeeping.settled.load(Ordering::Relaxed) < VACUUM_AFTER_ROWS {
+        let vacuum = housekeeping.enabled
+            && housekeeping.settled.load(Ordering::Relaxed) >= VACUUM_AFTER_ROWS;
+        let sweep = last_sweep.elapsed() >= STRANDED_EVERY;
+        if !vacuum && !sweep {
             continue;
         }
-        match shared.pool.get() {
-            Ok(mut conn) => housekeeping.vacuum_if_due(&mut conn, &shared.name),
+        let mut conn = match shared.pool.get() {
+            Ok(conn) => conn,
             Err(error) => {
-                tracing::debug!(relay = %shared.name, %error, "no connection to vacuum with");
+                tracing::debug!(relay = %shared.name, %error, "no connection for housekeeping");
+                continue;
+            }
+        };
+        if vacuum {
+            housekeeping.vacuum_if_due(&mut conn, &shared.name);
+        }
+        if sweep {
+            last_sweep = Instant::now();
+            match store::wake_stranded(&mut conn) {
+                Ok(0) => {}
+                Ok(woken) => {
+                    tracing::info!(relay = %shared.name, woken, "made deferred events due whose earlier events are gone")
+                }
+                Err(error) => {
+                    tracing::debug!(relay = %shared.name, %error, "looking for stranded deferred events failed")
+                }
             }
         }
     }

@@ -493,6 +493,46 @@ pub(crate) fn wake_successors(conn: &mut PgConnection, done: &[(i64, &str)]) -> 
     .execute(conn)
 }
 
+/// The safety net behind [`settle`] and [`wake_successors`]: makes due at
+/// once every deferred event that is the first queued event of its key
+/// (its earlier events are gone, yet nothing woke it: a relay killed at the
+/// wrong moment, a row deleted by hand). Walks the keys of deferred events
+/// through `events_deferred_idx` one key at a time (a loose index scan),
+/// so it costs one probe per key with deferred events, however many
+/// events each has.
+pub(crate) fn wake_stranded(conn: &mut PgConnection) -> QueryResult<usize> {
+    struct NoBinds;
+    impl Binds for NoBinds {
+        fn push<'b>(&'b self, n: usize, _: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            Err(unknown_parameter(n))
+        }
+    }
+    struct WakeStrandedStatement;
+    Prepared::<WakeStrandedStatement, _>::new(
+        "WITH RECURSIVE heads AS (
+             (SELECT key, id FROM outbox.events
+               WHERE deferred ORDER BY key, id LIMIT 1)
+             UNION ALL
+             SELECT next.key, next.id
+               FROM heads h
+              CROSS JOIN LATERAL (
+                    SELECT key, id FROM outbox.events
+                     WHERE deferred AND key > h.key
+                     ORDER BY key, id LIMIT 1) next
+         )
+         UPDATE outbox.events e
+            SET available_at = now(),
+                deferred = false
+           FROM heads h
+          WHERE e.id = h.id
+            AND e.deferred
+            AND NOT EXISTS (SELECT FROM outbox.events earlier
+                             WHERE earlier.key = h.key AND earlier.id < h.id)",
+        NoBinds,
+    )
+    .execute(conn)
+}
+
 /// Extends the lease of events still held under `token`, for deliveries
 /// that run long. Primary key lookups; fenced like [`settle`]. Returns the
 /// ids still held: an event missing from it was taken over by another relay.

@@ -134,3 +134,28 @@ fn a_publishers_delay_is_never_shortened_by_its_keys_progress() {
     );
     assert_eq!(recording.calls(), [(head, 1)]);
 }
+
+#[test]
+fn a_deferred_event_whose_predecessor_vanished_is_found_within_seconds() {
+    let bed = setup();
+    let (relay, recording, release) = gated_relay(&bed);
+    let ids = bed.publish(&[("t", Some("k")), ("t", Some("k"))]);
+    wait_until_deferred(&bed, ids[1].get());
+    // An operator deletes the held head by hand: no settle will ever wake
+    // its successor, deferred for about 90 s.
+    diesel::sql_query("DELETE FROM outbox.events WHERE id = $1")
+        .bind::<BigInt, _>(ids[0].get())
+        .execute(&mut bed.conn())
+        .unwrap();
+    release.send(true).unwrap();
+    let started = Instant::now();
+    assert_eq!(bed.signals.delivered(1), [ids[1]]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    relay.shutdown(PATIENCE).unwrap();
+    let calls: Vec<_> = recording.calls().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(calls, ids);
+}
