@@ -1,4 +1,5 @@
-//! The relay keeps `outbox.events` small by vacuuming it itself.
+//! The housekeeper thread: keeps `outbox.events` small by vacuuming it,
+//! and wakes deferred events nothing else woke.
 //!
 //! A queue table turns over its whole content all the time, and every
 //! delivered event leaves dead row versions behind (the claim's update and
@@ -6,8 +7,8 @@
 //! `autovacuum_naptime` (a minute by default, a server-wide setting), and a
 //! busy outbox piles up tens of megabytes of dead rows in that time, which
 //! every claim then has to step over. So after every
-//! [`VACUUM_AFTER_ROWS`] settled events a worker runs `VACUUM (SKIP_LOCKED)`
-//! on the table, at most once a second and never more than 1/20 of the
+//! [`VACUUM_AFTER_ROWS`] settled events the housekeeper runs
+//! `VACUUM (SKIP_LOCKED, TRUNCATE false)` on the table, at most once a second and never more than 1/20 of the
 //! time (a huge backlog makes each vacuum slow, so it runs rarer). It needs
 //! the table's owner (or the database's); a relay role without that logs it
 //! once and leaves the table to autovacuum (docs/design.md).
@@ -20,6 +21,10 @@
 //! When a VACUUM leaves many dead rows behind, some session's old snapshot
 //! pins them; the relay names it in a warning, since only an operator can
 //! end it.
+//!
+//! Every [`STRANDED_EVERY`] it also makes due the deferred events whose
+//! earlier events are gone (`store::wake_stranded`): the safety net behind
+//! the settle's own waking.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

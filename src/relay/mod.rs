@@ -1,10 +1,11 @@
 //! The relay: delivers committed events to their sinks, retries failures
 //! with backoff, and dead-letters what cannot be delivered.
 //!
-//! Threads: one listener (LISTEN on its own connection, only wakes), and
+//! Threads: one listener (LISTEN on its own connection, only wakes),
 //! `workers` workers that each claim a batch, deliver it and settle it in
-//! one round trip. A worker holds one pooled connection per round and none
-//! while idle.
+//! one round trip, and one housekeeper (vacuums the table, wakes stranded
+//! deferred events). A worker holds one pooled connection per round and
+//! none while idle; the housekeeper, one only while it works.
 
 mod builder;
 mod housekeeping;
