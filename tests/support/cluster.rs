@@ -14,11 +14,10 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt as _;
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout};
 use std::sync::Mutex;
 
-use super::pg::{cluster_owner, postgres_bindir};
+use super::pg::{cluster_owner, postgres_bindir, start_supervisor};
 
 /// A running private cluster; stopped and removed when dropped.
 pub struct Cluster {
@@ -85,33 +84,13 @@ impl Cluster {
              -c fsync=off -c full_page_writes=off -c max_connections=200",
             root.display()
         );
-        let mut supervisor = Command::new("sh");
-        supervisor
-            .args(["-c", SUPERVISOR, "outbox-private-pg"])
-            .arg(&bin)
-            .arg(&data)
-            .arg(&root)
-            .arg(&options)
-            .current_dir(&root)
-            .process_group(0)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        if let Some((uid, gid)) = owner {
-            supervisor.uid(uid).gid(gid);
-        }
-        // Never waited for: it must outlive this process to clean up after it.
-        #[allow(clippy::zombie_processes)]
-        let mut child = supervisor.spawn().expect("starting the cluster supervisor");
-        let stdin = child.stdin.take().expect("supervisor stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("supervisor stdout"));
-        let mut status = String::new();
-        stdout
-            .read_line(&mut status)
-            .expect("reading the supervisor's status");
-        assert!(
-            status.trim() == "ready",
-            "starting the private cluster: {status}"
+        let (stdin, stdout) = start_supervisor(
+            SUPERVISOR,
+            "outbox-private-pg",
+            [bin.as_path(), data.as_path(), root.as_path()],
+            &options,
+            owner,
+            "starting the private cluster",
         );
         let socket_dir = root.display().to_string().replace('/', "%2F");
         Cluster {

@@ -293,40 +293,61 @@ fi
 echo ready
 read _ignored
 cleanup"#;
-    let mut watchdog = Command::new("sh");
-    watchdog
-        .args(["-c", script, "outbox-pg-watchdog"])
-        .arg(&bin)
-        .arg(&data)
-        .arg(&root)
-        .arg(&options)
-        .current_dir(&root)
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if let Some((uid, gid)) = owner {
-        watchdog.uid(uid).gid(gid);
-    }
-    // Never waited for: it must outlive this process to clean up after it.
-    #[allow(clippy::zombie_processes)]
-    let mut child = watchdog.spawn().expect("starting the cluster watchdog");
-    let stdin = child.stdin.take().expect("watchdog stdin");
-    let mut status = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("watchdog stdout")),
-        &mut status,
-    )
-    .expect("reading the watchdog's status");
-    assert!(
-        status.trim() == "ready",
-        "starting the throwaway cluster: {status}"
+    let (stdin, _stdout) = start_supervisor(
+        script,
+        "outbox-pg-watchdog",
+        [bin.as_path(), data.as_path(), root.as_path()],
+        &options,
+        owner,
+        "starting the throwaway cluster",
     );
     let socket_dir = root.display().to_string().replace('/', "%2F");
     (
         format!("postgres://postgres@{socket_dir}:{port}/postgres"),
         stdin,
     )
+}
+
+/// Runs `script` under `sh` (arguments: the PostgreSQL bin, data and root
+/// directories, then the server `options`) as the supervisor of a cluster:
+/// in `root`, in its own process group (a Ctrl-C to ours does not reach
+/// it), as the cluster's `owner`, never waited for (it must outlive this
+/// process to clean up after it). Its first line must be `ready`; returns
+/// its stdin and the rest of its stdout.
+pub fn start_supervisor(
+    script: &str,
+    name: &str,
+    [bin, data, root]: [&Path; 3],
+    options: &str,
+    owner: Option<(u32, u32)>,
+    what: &str,
+) -> (ChildStdin, std::io::BufReader<std::process::ChildStdout>) {
+    let mut supervisor = Command::new("sh");
+    supervisor
+        .args(["-c", script, name])
+        .arg(bin)
+        .arg(data)
+        .arg(root)
+        .arg(options)
+        .current_dir(root)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some((uid, gid)) = owner {
+        supervisor.uid(uid).gid(gid);
+    }
+    #[allow(clippy::zombie_processes)]
+    let mut child = supervisor
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: spawning its supervisor: {e}"));
+    let stdin = child.stdin.take().expect("supervisor stdin");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("supervisor stdout"));
+    let mut status = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut status)
+        .unwrap_or_else(|e| panic!("{what}: reading its supervisor's status: {e}"));
+    assert!(status.trim() == "ready", "{what}: {status}");
+    (stdin, stdout)
 }
 
 /// PostgreSQL refuses to run as root: when we are root, the cluster runs as
