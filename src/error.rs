@@ -61,6 +61,14 @@ pub enum Error {
         limit: usize,
     },
 
+    /// [`publish`](crate::publish) (or one of its batch forms) was given a
+    /// connection that is not inside a transaction, where the event would
+    /// commit on its own, apart from the writes it announces. Publish inside
+    /// `conn.transaction(|conn| …)` or use [`transaction`](crate::transaction).
+    /// Nothing was written.
+    #[error("outbox::publish needs a connection inside a transaction (conn.transaction(|conn| …) or outbox::transaction): alone, the event would commit apart from the writes it announces")]
+    NotInTransaction,
+
     /// A stored payload does not deserialize into the requested type.
     #[error("event {id} payload does not match the expected type")]
     Decode {

@@ -33,9 +33,10 @@ pub type Headers = BTreeMap<String, String>;
 /// }
 /// ```
 pub trait Event: Serialize {
-    /// The topic every event of this type is published under. Checked when
-    /// publishing: 1 to [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN) bytes, no
-    /// control characters.
+    /// The topic every event of this type is published under: 1 to
+    /// [`MAX_TOPIC_LEN`](crate::MAX_TOPIC_LEN) bytes, no control characters.
+    /// Checked at compile time: a program that publishes an event with an
+    /// invalid topic does not build.
     const TOPIC: &'static str;
 
     /// The ordering key of this event: events sharing a key are delivered one

@@ -17,7 +17,8 @@
 //! 1. Apply the schema once per start-up with [`migrate`] (idempotent, safe
 //!    when several processes start at once).
 //! 2. Declare an [`Event`]: a serde type bound to its topic.
-//! 3. Write business rows and publish events in one [`transaction`].
+//! 3. Write business rows and publish events in one [`transaction`], or
+//!    with [`publish`] inside a transaction you opened yourself.
 //!
 //! ```
 //! # #[path = "../tests/support/pg.rs"] mod pg;
@@ -90,6 +91,7 @@ mod event;
 mod migrate;
 mod new_event;
 mod observe;
+mod publish;
 mod queue;
 mod relay;
 mod sink;
@@ -106,6 +108,7 @@ pub use event::{Event, EventId, Headers, StoredEvent};
 pub use migrate::migrate;
 pub use new_event::{validate_topic, NewEvent, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
+pub use publish::{publish, publish_all, publish_event, publish_events};
 pub use queue::queued_events;
 pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};
 #[cfg(feature = "amqp")]

@@ -51,7 +51,25 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event of type `E`, under `E::TOPIC`, with `event.key()` as its key.
+    ///
+    /// An invalid `E::TOPIC` is a build error wherever an `E` is published
+    /// (checked when this function is instantiated for `E`):
+    ///
+    /// ```compile_fail,E0080
+    /// # use serde::Serialize;
+    /// #[derive(Serialize)]
+    /// struct Broken;
+    /// impl outbox::Event for Broken { const TOPIC: &'static str = "order\napproved"; }
+    ///
+    /// let _ = outbox::NewEvent::typed(&Broken); // error: invalid `Event::TOPIC`
+    /// ```
     pub fn typed<E: Event + ?Sized>(event: &E) -> Self {
+        const {
+            assert!(
+                topic_problem(E::TOPIC).is_none(),
+                "invalid `Event::TOPIC`: it must be 1 to 255 bytes without control characters"
+            )
+        };
         NewEvent {
             topic: E::TOPIC.to_owned(),
             payload: serde_json::to_string(event),
@@ -169,23 +187,42 @@ pub(crate) struct ValidEvent {
 }
 
 /// Checks a topic: 1 to [`MAX_TOPIC_LEN`] bytes, no control characters.
+///
+/// A typed event's `Event::TOPIC` gets the same check at compile time; this
+/// one is for topics chosen at run time ([`NewEvent::dynamic`]).
 pub fn validate_topic(topic: &str) -> Result<()> {
-    let reason = if topic.is_empty() {
-        Some("empty")
-    } else if topic.len() > MAX_TOPIC_LEN {
-        Some("longer than 255 bytes")
-    } else if topic.chars().any(char::is_control) {
-        Some("contains a control character")
-    } else {
-        None
-    };
-    match reason {
+    match topic_problem(topic) {
         Some(reason) => Err(Error::InvalidTopic {
             topic: excerpt(topic),
             reason,
         }),
         None => Ok(()),
     }
+}
+
+/// What is wrong with a topic, if anything. A `const fn` so that a typed
+/// event's topic is checked at compile time by exactly the rule run-time
+/// topics meet.
+pub(crate) const fn topic_problem(topic: &str) -> Option<&'static str> {
+    let bytes = topic.as_bytes();
+    if bytes.is_empty() {
+        return Some("empty");
+    }
+    if bytes.len() > MAX_TOPIC_LEN {
+        return Some("longer than 255 bytes");
+    }
+    // `char::is_control` is U+0000..=U+001F and U+007F..=U+009F. In UTF-8
+    // the first range and U+007F are single bytes; U+0080..=U+009F are
+    // 0xC2 followed by 0x80..=0x9F (0xC2 is only ever a lead byte).
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x20 || b == 0x7F || (b == 0xC2 && i + 1 < bytes.len() && bytes[i + 1] <= 0x9F) {
+            return Some("contains a control character");
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Whether serde_json output contains an escaped NUL (`\u0000`) inside a
@@ -267,6 +304,21 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_scan_finds_exactly_the_control_characters() {
+        // Every character of the first three UTF-8 lengths, and some of the
+        // fourth: the const scan agrees with `char::is_control`.
+        for c in (0..=0x1_0FFF).filter_map(char::from_u32) {
+            let topic = format!("a{c}b");
+            assert_eq!(
+                topic_problem(&topic).is_some(),
+                c.is_control(),
+                "U+{:04X}",
+                c as u32
+            );
+        }
+    }
+
+    #[test]
     fn topics_are_checked() {
         assert!(validate_topic("order.approved").is_ok());
         assert!(validate_topic(&"a".repeat(255)).is_ok());
@@ -275,6 +327,8 @@ mod tests {
             (&"a".repeat(256)[..], "longer than 255 bytes"),
             ("order\napproved", "contains a control character"),
             ("order\u{7f}", "contains a control character"),
+            ("order\u{85}", "contains a control character"),
+            ("order\u{9f}x", "contains a control character"),
         ] {
             match validate_topic(topic) {
                 Err(Error::InvalidTopic { reason: got, .. }) => assert_eq!(got, reason),

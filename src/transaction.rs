@@ -7,7 +7,7 @@ use diesel::{Connection, PgConnection, QueryResult};
 
 use crate::event::{Event, EventId};
 use crate::new_event::NewEvent;
-use crate::store;
+use crate::publish;
 
 /// Runs `f` in a database transaction in which it can both write business
 /// rows and publish events: either all of it commits, or none of it.
@@ -19,9 +19,13 @@ use crate::store;
 /// Unlike diesel's, it also rolls back on a panic, which then continues:
 /// diesel leaves every transaction a panic unwinds through open, so this
 /// rolls back *all* open levels, the enclosing ones and any the closure
-/// opened itself, and the connection is usable (and poolable) again. Your error type only needs
-/// `From<diesel::result::Error>`; errors from [`Tx::publish`] are diesel
-/// errors too, and `outbox::Error::from` turns them back into typed ones.
+/// opened itself, and the connection is usable (and poolable) again. Your
+/// error type only needs `From<`[`diesel::result::Error`]`>`; errors from
+/// [`Tx::publish`] are diesel errors too, and [`Error::from`](crate::Error)
+/// turns them back into typed ones.
+///
+/// Already inside your own `conn.transaction(|conn| …)`? Use
+/// [`publish`](crate::publish) on that connection instead.
 ///
 /// ```
 /// # #[path = "../tests/support/pg.rs"] mod pg;
@@ -110,13 +114,13 @@ impl<'c> Tx<'c> {
 
     /// Publishes a typed event. Returns its id.
     ///
-    /// Fails before writing anything when the topic is invalid or the payload
-    /// does not serialize (or contains `\u0000`); the error is a
-    /// [`diesel::result::Error`] so `?` works with your error type, and
-    /// `outbox::Error::from` recovers the typed cause. Returning that error
-    /// from the closure rolls the whole transaction back.
+    /// Fails before writing anything when the payload does not serialize
+    /// (or contains `\u0000`); an invalid `E::TOPIC` does not compile. The
+    /// error is a [`diesel::result::Error`] so `?` works with your error
+    /// type, and `outbox::Error::from` recovers the typed cause. Returning
+    /// that error from the closure rolls the whole transaction back.
     pub fn publish<E: Event + ?Sized>(&mut self, event: &E) -> QueryResult<EventId> {
-        self.publish_event(NewEvent::typed(event))
+        publish::publish(self.conn, event)
     }
 
     /// Publishes many typed events of one type, in one round trip per
@@ -126,14 +130,13 @@ impl<'c> Tx<'c> {
         E: Event + 'e,
         I: IntoIterator<Item = &'e E>,
     {
-        self.publish_events(events.into_iter().map(NewEvent::typed))
+        publish::publish_all(self.conn, events)
     }
 
     /// Publishes an event with options (key, headers, delay) or a dynamic
     /// topic. Returns its id.
     pub fn publish_event(&mut self, event: NewEvent) -> QueryResult<EventId> {
-        let event = event.into_valid()?;
-        store::insert_event(self.conn, &event)
+        publish::publish_event(self.conn, event)
     }
 
     /// Publishes any mix of events, in one round trip per 10,000. Returns
@@ -142,10 +145,6 @@ impl<'c> Tx<'c> {
     where
         I: IntoIterator<Item = NewEvent>,
     {
-        let events = events
-            .into_iter()
-            .map(NewEvent::into_valid)
-            .collect::<Result<Vec<_>, _>>()?;
-        store::insert_events(self.conn, &events)
+        publish::publish_events(self.conn, events)
     }
 }

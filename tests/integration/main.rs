@@ -11,6 +11,7 @@ mod common;
 mod migrate;
 mod properties;
 mod publish;
+mod publish_in_transaction;
 mod relay_connections;
 mod relay_deferral;
 mod relay_delivery;
