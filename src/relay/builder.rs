@@ -74,7 +74,15 @@ impl RelayBuilder {
     /// Wakes the relay through `LISTEN outbox_events` on a dedicated
     /// connection to `database_url` (normally the pool's URL), so a
     /// committed event is picked up within milliseconds. Without it the
-    /// relay only polls, every `poll_interval`. Defaults to no listener.
+    /// relay only polls, every `poll_interval`. Defaults to no listener
+    /// (and a warning at start).
+    ///
+    /// The URL is not taken from the pool: diesel's `ConnectionManager`
+    /// keeps the URL it was built with private (diesel 2.3 has no accessor),
+    /// and the listener needs a long-lived session connection of its own,
+    /// which may have to bypass a connection pooler (PgBouncer in transaction
+    /// mode drops `LISTEN` registrations) that the pool goes through. Pass
+    /// the pool's URL unless such a pooler sits in between.
     pub fn listen(mut self, database_url: impl Into<String>) -> Self {
         self.listen_url = Some(database_url.into());
         self
@@ -203,7 +211,7 @@ impl RelayBuilder {
                 ),
             })?;
         } else {
-            tracing::warn!(relay = %name, "no listener configured (RelayBuilder::listen): delivering by polling only");
+            tracing::warn!(relay = %name, poll_interval = ?self.poll_interval, "no listener configured: events wait up to a poll interval; call RelayBuilder::listen(url) with the pool's URL to pick them up within milliseconds");
         }
         let filter = self.routes.claim_filter();
         let listening = self.listen_url.is_some();
@@ -218,6 +226,7 @@ impl RelayBuilder {
             observer: self.observer,
             counters: Default::default(),
             wakeup: super::wakeup::Wakeup::new(listening, workers),
+            schedule: super::wakeup::Schedule::default(),
             housekeeping: super::housekeeping::Housekeeping::new(vacuum),
         });
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);

@@ -55,6 +55,7 @@ pub(crate) struct Shared {
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) counters: Counters,
     pub(crate) wakeup: wakeup::Wakeup,
+    pub(crate) schedule: wakeup::Schedule,
     pub(crate) housekeeping: housekeeping::Housekeeping,
 }
 

@@ -129,3 +129,96 @@ impl Idleness {
             .map_or(poll_interval, |&pause| pause.min(poll_interval))
     }
 }
+
+/// When events this relay knows of come due: the retries it scheduled and
+/// the next due time its claims saw. A worker never sleeps past the
+/// earliest, so a retry or a delayed event is taken when it comes due
+/// rather than at the next poll (which may be an hour away).
+#[derive(Debug, Default)]
+pub(crate) struct Schedule {
+    /// The earliest few times; later ones are found again by the claims
+    /// that the earlier ones cause.
+    times: Mutex<std::collections::BTreeSet<Instant>>,
+}
+
+impl Schedule {
+    /// How many times are kept at most.
+    const CAPACITY: usize = 64;
+
+    /// Something comes due at `at` (a retry this relay just settled).
+    pub(crate) fn add(&self, at: Instant) {
+        let mut times = self.times.lock().unwrap_or_else(PoisonError::into_inner);
+        times.insert(at);
+        if times.len() > Self::CAPACITY {
+            times.pop_last();
+        }
+    }
+
+    /// A claim sent at `sent` has taken (or found blocked) everything due
+    /// by then, and reported the next due time, if any. Times up to `sent`
+    /// are forgotten: anything added for them had committed before the
+    /// claim's snapshot, so the claim saw it.
+    pub(crate) fn claimed(&self, sent: Instant, next: Option<Instant>) {
+        let mut times = self.times.lock().unwrap_or_else(PoisonError::into_inner);
+        *times = times.split_off(&sent);
+        if let Some(next) = next {
+            times.insert(next);
+            if times.len() > Self::CAPACITY {
+                times.pop_last();
+            }
+        }
+    }
+
+    /// How long until the earliest known due time (zero if it has passed);
+    /// `None` if nothing is known to come due.
+    pub(crate) fn until_next(&self) -> Option<Duration> {
+        let times = self.times.lock().unwrap_or_else(PoisonError::into_inner);
+        times
+            .first()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_forgets_what_it_saw_and_keeps_what_came_after() {
+        let schedule = Schedule::default();
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(schedule.until_next(), None);
+        schedule.add(now + hour);
+        schedule.add(now + 2 * hour);
+        // A claim sent after the first time forgets it, not the second,
+        // and adds what it reports.
+        schedule.claimed(now + hour + Duration::from_secs(1), Some(now + 3 * hour));
+        let next = schedule.until_next().unwrap();
+        assert!(next > hour && next <= 2 * hour, "{next:?}");
+        schedule.claimed(now + 2 * hour, None);
+        let next = schedule.until_next().unwrap();
+        assert!(next > 2 * hour && next <= 3 * hour, "{next:?}");
+        schedule.claimed(now + 4 * hour, None);
+        assert_eq!(schedule.until_next(), None);
+    }
+
+    #[test]
+    fn only_the_earliest_times_are_kept() {
+        let schedule = Schedule::default();
+        let now = Instant::now() + Duration::from_secs(3600);
+        for n in (0..1000u64).rev() {
+            schedule.add(now + Duration::from_secs(n));
+        }
+        let times = schedule.times.lock().unwrap();
+        assert_eq!(times.len(), Schedule::CAPACITY);
+        assert_eq!(*times.last().unwrap(), now + Duration::from_secs(63));
+    }
+
+    #[test]
+    fn a_passed_time_means_now() {
+        let schedule = Schedule::default();
+        schedule.add(Instant::now());
+        assert_eq!(schedule.until_next(), Some(Duration::ZERO));
+    }
+}

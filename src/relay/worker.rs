@@ -115,7 +115,13 @@ impl Worker {
         slot: &mut Option<PooledConn>,
     ) -> Result<Option<Duration>, Error> {
         let shared = &*self.shared;
-        let poll_interval = shared.config.poll_interval;
+        // Never past the next known due time (a retry, a delayed event).
+        let poll_interval = shared
+            .schedule
+            .until_next()
+            .map_or(shared.config.poll_interval, |due| {
+                due.min(shared.config.poll_interval)
+            });
         match round {
             Round::More => {
                 idleness.busy(&shared.wakeup);
@@ -127,7 +133,7 @@ impl Worker {
             }
             Round::Empty => {
                 let pause = idleness.empty(&shared.wakeup, poll_interval);
-                if shared.wakeup.should_arm(poll_interval) {
+                if shared.wakeup.should_arm(shared.config.poll_interval) {
                     let conn = match slot {
                         Some(conn) => conn,
                         None => slot.insert(shared.pool.get()?),
@@ -135,7 +141,8 @@ impl Worker {
                     // Armed for a few poll intervals: a sleeping relay
                     // renews it every poll, and one that died stops
                     // costing publishers a NOTIFY soon after.
-                    let valid_for = (poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
+                    let valid_for =
+                        (shared.config.poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
                     store::wakeup::arm(conn, valid_for)?;
                     shared.wakeup.armed();
                 }
@@ -156,6 +163,7 @@ impl Worker {
             Some(conn) => conn,
             None => slot.insert(shared.pool.get()?),
         };
+        let sent = Instant::now();
         let claimed = store::claim(
             conn,
             &shared.name,
@@ -163,6 +171,9 @@ impl Worker {
             config.lease,
             &shared.filter,
         )?;
+        // Measured from the reply, so the wake-up is never early.
+        let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);
+        shared.schedule.claimed(sent, next_due);
         // Events waiting for an earlier event of their key: moved out of
         // the next claim's way (settling that event brings them back).
         let met_blocked = !claimed.blocked.is_empty();
@@ -433,6 +444,7 @@ impl Worker {
                 }
                 Verdict::Retry { delay, .. } => {
                     Counters::add(&counters.retried, 1);
+                    shared.schedule.add(Instant::now() + *delay);
                     let error = outcome
                         .error
                         .unwrap_or_else(|| DeliveryError::transient("unknown"));

@@ -10,13 +10,15 @@ use super::micros;
 use super::prepared::{Binds, Prepared};
 use crate::event::{EventId, StoredEvent};
 
-/// A claimed batch: its fencing token and its rows, id order; and the
-/// events the claim met that wait for an earlier event of their key
-/// (to [`defer`]).
+/// A claimed batch: its fencing token and its rows, id order; the events
+/// the claim met that wait for an earlier event of their key (to
+/// [`defer`]); and, when the batch was not full, how long until the next
+/// routed event comes due (a retry, a delayed event, a lease running out).
 pub(crate) struct Claimed {
     pub(crate) token: i64,
     pub(crate) rows: Vec<ClaimedRow>,
     pub(crate) blocked: Vec<i64>,
+    pub(crate) next_due_in: Option<std::time::Duration>,
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
@@ -58,6 +60,10 @@ pub(crate) struct ClaimedRow {
     /// fields are placeholders).
     #[diesel(sql_type = Bool)]
     blocked: bool,
+    /// Only on the one row that is not an event (`id` 0): microseconds
+    /// until the next routed event comes due.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    next_due_in_us: Option<i64>,
 }
 
 /// Claims up to `limit` due events for `lease`, in one statement.
@@ -76,6 +82,10 @@ pub(crate) struct ClaimedRow {
 /// - The whole batch gets one fencing token from `outbox.claim_tokens`;
 ///   `available_at` becomes the lease expiry, so a dead relay's events come
 ///   due again by themselves.
+/// - When the batch is not full, one more probe of the same index finds
+///   when the next routed event comes due, so the relay can wake for it
+///   (a retry or a delayed event is then taken on time, not at the next
+///   poll).
 pub(crate) fn claim(
     conn: &mut PgConnection,
     relay: &str,
@@ -129,13 +139,25 @@ pub(crate) fn claim(
               WHERE e.id = w.id AND NOT w.blocked
           RETURNING token.value AS token, e.id, e.topic, e.key, e.payload::text AS payload,
                     e.headers::text AS headers, e.created_at, e.available_at, e.attempts,
-                    e.last_error, false AS blocked
+                    e.last_error, false AS blocked, NULL::bigint AS next_due_in_us
+         ), next_due AS (
+             SELECT e.available_at
+               FROM outbox.events e
+              WHERE e.available_at > now()
+                AND ($3 OR e.topic = ANY($4) OR e.topic LIKE ANY($5))
+                AND (SELECT count(*) FROM window_) < $1
+              ORDER BY e.available_at, e.id
+              LIMIT 1
          )
          SELECT * FROM claimed
          UNION ALL
-         SELECT 0, w.id, '', NULL, '', '', now(), now(), 0, NULL, true
+         SELECT 0, w.id, '', NULL, '', '', now(), now(), 0, NULL, true, NULL
            FROM window_ w
-          WHERE w.blocked",
+          WHERE w.blocked
+         UNION ALL
+         SELECT 0, 0, '', NULL, '', '', now(), now(), 0, NULL, false,
+                ceil(extract(epoch FROM n.available_at - now()) * 1e6)::bigint
+           FROM next_due n",
         ClaimBinds {
             limit,
             relay,
@@ -144,14 +166,25 @@ pub(crate) fn claim(
         },
     )
     .load(conn)?;
-    let (blocked, mut rows): (Vec<ClaimedRow>, Vec<ClaimedRow>) =
-        rows.into_iter().partition(|r| r.blocked);
-    let token = rows.first().map_or(0, |r| r.token);
-    rows.sort_unstable_by_key(|r| r.id);
+    let mut next_due_in = None;
+    let mut blocked = Vec::new();
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(us) = row.next_due_in_us {
+            next_due_in = Some(std::time::Duration::from_micros(us.max(0) as u64));
+        } else if row.blocked {
+            blocked.push(row.id);
+        } else {
+            claimed.push(row);
+        }
+    }
+    let token = claimed.first().map_or(0, |r| r.token);
+    claimed.sort_unstable_by_key(|r| r.id);
     Ok(Claimed {
         token,
-        rows,
-        blocked: blocked.into_iter().map(|r| r.id).collect(),
+        rows: claimed,
+        blocked,
+        next_due_in,
     })
 }
 

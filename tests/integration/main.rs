@@ -20,6 +20,7 @@ mod relay_housekeeping;
 mod relay_leases;
 mod relay_order;
 mod relay_processes;
+mod relay_schedule;
 mod relay_support;
 mod relay_wakeup;
 mod schema_contract;
