@@ -30,8 +30,11 @@ pub struct Backoff {
 impl Backoff {
     /// Default delay after the first failure: 1 s.
     pub const DEFAULT_BASE: Duration = Duration::from_secs(1);
-    /// Default longest delay: 5 minutes.
-    pub const DEFAULT_CAP: Duration = Duration::from_secs(300);
+    /// Default longest delay: 1 hour. Reached at the 13th delay (2^12 s
+    /// would be 68 min). An hour keeps the attempts against a target that
+    /// is down for a day to about one an hour, and once it is back, every
+    /// waiting event is delivered within the hour.
+    pub const DEFAULT_CAP: Duration = Duration::from_secs(3600);
     /// Default growth per attempt: doubling.
     pub const DEFAULT_FACTOR: f64 = 2.0;
     /// Default jitter: delays are shortened by up to 20%.
@@ -250,6 +253,32 @@ mod tests {
                 proptest::prop_assert!(delay >= base && delay <= cap);
             }
         }
+    }
+
+    /// The total wait of `attempts` attempts (one delay fewer than
+    /// attempts), from every delay at its most shortened to none shortened.
+    fn span(backoff: &Backoff, attempts: u32) -> (f64, f64) {
+        let longest: f64 = (1..attempts).map(|n| ceiling(backoff, n)).sum();
+        (longest * (1.0 - backoff.jitter), longest)
+    }
+
+    #[test]
+    fn the_default_schedule_retries_for_a_day_and_gives_up_within_a_day_and_a_half() {
+        let attempts = crate::RelayBuilder::DEFAULT_MAX_ATTEMPTS;
+        let (shortest, longest) = span(&Backoff::default(), attempts);
+        // 41 delays: 1 + 2 + … + 2048 s = 4,095 s, then 29 × 3,600 s.
+        assert_eq!(
+            (shortest.round() as u64, longest.round() as u64),
+            (86_796, 108_495),
+            "{attempts} attempts: {shortest} s to {longest} s"
+        );
+        // Even if every delay is shortened as much as jitter allows, an
+        // outage of a day dead-letters nothing; one attempt fewer would not.
+        assert!(shortest >= 86_400.0);
+        assert!(span(&Backoff::default(), attempts - 1).0 < 86_400.0);
+        // And an event that cannot be delivered still reaches the dead
+        // letters (and a human) within a day and a half.
+        assert!(longest <= 1.5 * 86_400.0);
     }
 
     #[test]

@@ -43,8 +43,12 @@ impl RelayBuilder {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
     /// Default lease on claimed events.
     pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(30);
-    /// Default number of attempts before an event is dead-lettered.
-    pub const DEFAULT_MAX_ATTEMPTS: u32 = 25;
+    /// Default number of attempts before an event is dead-lettered: the
+    /// fewest whose 41 delays, with the default [`Backoff`], add up to at
+    /// least 24 h however much jitter shortens them (24.1–30.1 h: 12
+    /// doubling delays from 1 s to 2,048 s, then 29 at the 1 h cap). An
+    /// outage of up to a day dead-letters nothing.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 42;
 
     /// Most worker threads one relay may run.
     pub const MAX_WORKERS: usize = 256;
@@ -158,15 +162,16 @@ impl RelayBuilder {
     }
 
     /// Attempts before a failing event is dead-lettered (at least 1).
-    /// Defaults to [`Self::DEFAULT_MAX_ATTEMPTS`] (25: with the default backoff,
-    /// about 75–85 min of retrying).
+    /// Defaults to [`Self::DEFAULT_MAX_ATTEMPTS`] (42: with the default backoff,
+    /// 24.1–30.1 h of retrying). With a shorter backoff cap, raise it to
+    /// keep outlasting the outages you plan for.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self
     }
 
     /// The retry schedule. Defaults to [`Backoff::default`] (1 s doubling
-    /// to a 5 min cap, 20% jitter).
+    /// to a 1 h cap, 20% jitter).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
