@@ -48,6 +48,14 @@ pub trait Observer: Send + Sync + 'static {
         let _ = events;
     }
 
+    /// Keyed events were claimed that had waited out their whole deferral
+    /// margin: their earlier event went away without a settle waking them
+    /// (deleted by hand or purged). Relays alone never cause this; a rescue
+    /// while nobody deletes events by hand points at a bug.
+    fn on_stranded_rescued(&self, events: &[EventId]) {
+        let _ = events;
+    }
+
     /// A database operation failed; the relay backs off and retries.
     fn on_error(&self, error: &Error) {
         let _ = error;
@@ -81,6 +89,9 @@ impl<O: Observer + ?Sized> Observer for std::sync::Arc<O> {
     fn on_lease_lost(&self, events: &[EventId]) {
         (**self).on_lease_lost(events)
     }
+    fn on_stranded_rescued(&self, events: &[EventId]) {
+        (**self).on_stranded_rescued(events)
+    }
     fn on_error(&self, error: &Error) {
         (**self).on_error(error)
     }
@@ -111,6 +122,9 @@ pub struct RelayStats {
     pub released: u64,
     /// Events whose lease was lost before settling.
     pub lease_lost: u64,
+    /// Keyed events that came due by their deferral margin instead of being
+    /// woken by the settle of their earlier event ([`Observer::on_stranded_rescued`]).
+    pub stranded_rescued: u64,
     /// Database errors (claim, settle, listen) the relay recovered from.
     pub errors: u64,
     /// Reconnections after failures.
@@ -126,6 +140,7 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) released: AtomicU64,
     pub(crate) lease_lost: AtomicU64,
+    pub(crate) stranded_rescued: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) reconnects: AtomicU64,
 }
@@ -144,6 +159,7 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             released: get(&self.released),
             lease_lost: get(&self.lease_lost),
+            stranded_rescued: get(&self.stranded_rescued),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
         }

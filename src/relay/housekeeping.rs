@@ -1,5 +1,4 @@
-//! The housekeeper thread: keeps `outbox.events` small by vacuuming it,
-//! and wakes deferred events nothing else woke.
+//! The housekeeper thread: keeps `outbox.events` small by vacuuming it.
 //!
 //! A queue table turns over its whole content all the time, and every
 //! delivered event leaves dead row versions behind (the claim's update and
@@ -22,9 +21,10 @@
 //! pins them; the relay names it in a warning, since only an operator can
 //! end it.
 //!
-//! Every [`STRANDED_EVERY`] it also makes due the deferred events whose
-//! earlier events are gone (`store::wake_stranded`): the safety net behind
-//! the settle's own waking.
+//! There is no sweep for deferred events: a settle wakes the successors of
+//! what it deletes in its own transaction, and an event whose earlier event
+//! vanished some other way comes due by itself after its deferral margin
+//! (counted as a rescue, `RelayStats::stranded_rescued`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,7 +34,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 use diesel::PgConnection;
 
 use super::Shared;
-use crate::store::{self, maintenance};
+use crate::store::maintenance;
 
 /// Settled events between two vacuums: the same threshold the migration
 /// gives autovacuum.
@@ -166,49 +166,36 @@ impl Housekeeping {
     }
 }
 
-/// How often the housekeeper looks for deferred events nothing woke.
-const STRANDED_EVERY: Duration = Duration::from_secs(2);
-
 /// The housekeeper thread: waits for a nudge (or a timer, so a nudge that
-/// came too early is not forgotten), then vacuums if due; and every
-/// [`STRANDED_EVERY`] it makes due the deferred events whose earlier events
-/// are gone ([`store::wake_stranded`]). Each on a pooled connection it
-/// gives back at once.
+/// came too early is not forgotten), then vacuums if due, on a pooled
+/// connection it gives back at once. With vacuuming off it has nothing to
+/// do and exits.
 pub(super) fn run(shared: Arc<Shared>, shutdown: Receiver<()>) {
     let housekeeping = &shared.housekeeping;
-    let mut last_sweep = Instant::now();
+    if !housekeeping.enabled {
+        return;
+    }
     loop {
+        // Idle until nudged; once a vacuum is owed, look again every
+        // MIN_INTERVAL in case spacing made this one wait.
+        let owed = housekeeping.settled.load(Ordering::Relaxed) >= VACUUM_AFTER_ROWS;
+        let timer = if owed {
+            MIN_INTERVAL
+        } else {
+            Duration::from_secs(3600)
+        };
         select! {
             recv(housekeeping.nudged) -> _ => {}
             recv(shutdown) -> _ => return,
-            default(shared.config.poll_interval.clamp(MIN_INTERVAL, STRANDED_EVERY)) => {}
+            default(timer) => {}
         }
-        let vacuum = housekeeping.enabled
-            && housekeeping.settled.load(Ordering::Relaxed) >= VACUUM_AFTER_ROWS;
-        let sweep = last_sweep.elapsed() >= STRANDED_EVERY;
-        if !vacuum && !sweep {
+        if housekeeping.settled.load(Ordering::Relaxed) < VACUUM_AFTER_ROWS {
             continue;
         }
-        let mut conn = match shared.pool.get() {
-            Ok(conn) => conn,
+        match shared.pool.get() {
+            Ok(mut conn) => housekeeping.vacuum_if_due(&mut conn, &shared.name),
             Err(error) => {
                 tracing::debug!(relay = %shared.name, %error, "no connection for housekeeping");
-                continue;
-            }
-        };
-        if vacuum {
-            housekeeping.vacuum_if_due(&mut conn, &shared.name);
-        }
-        if sweep {
-            last_sweep = Instant::now();
-            match store::wake_stranded(&mut conn) {
-                Ok(0) => {}
-                Ok(woken) => {
-                    tracing::info!(relay = %shared.name, woken, "made deferred events due whose earlier events are gone")
-                }
-                Err(error) => {
-                    tracing::debug!(relay = %shared.name, %error, "looking for stranded deferred events failed")
-                }
             }
         }
     }

@@ -174,21 +174,27 @@ impl Worker {
         // Measured from the reply, so the wake-up is never early.
         let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);
         shared.schedule.claimed(sent, next_due);
-        // Events waiting for an earlier event of their key: moved out of
-        // the next claim's way (settling that event brings them back).
-        let met_blocked = !claimed.blocked.is_empty();
-        if met_blocked {
-            // Best effort: events left where they are are only read again.
-            if let Err(error) = store::defer(conn, &claimed.blocked) {
-                tracing::debug!(relay = %shared.name, %error, "deferring events that wait for their key failed");
-            }
+        if !claimed.rescued.is_empty() {
+            Counters::add(&shared.counters.stranded_rescued, claimed.rescued.len());
+            tracing::warn!(relay = %shared.name, events = ?claimed.rescued, "keyed events came due by their deferral margin: their earlier event was removed without a settle (by hand?)");
+            shared.observer.on_stranded_rescued(&claimed.rescued);
         }
+        // Events waiting for an earlier event of their key: moved out of
+        // the next claim's way (settling that event brings them back). The
+        // defer never waits for a lock, so the batch's lease is not spent
+        // here. Only when it moved some is another claim worth making at
+        // once; blocked events it could not move would come back unchanged.
+        let made_room = !claimed.blocked.is_empty()
+            && match store::defer(conn, &claimed.blocked) {
+                Ok(moved) => moved > 0,
+                Err(error) => {
+                    // Best effort: events left where they are are only read again.
+                    tracing::debug!(relay = %shared.name, %error, "deferring events that wait for their key failed");
+                    false
+                }
+            };
         if claimed.rows.is_empty() {
-            return Ok(if met_blocked {
-                Round::More
-            } else {
-                Round::Empty
-            });
+            return Ok(if made_room { Round::More } else { Round::Empty });
         }
         let full = claimed.rows.len() + claimed.blocked.len() == config.batch_size as usize;
         if full {
@@ -217,7 +223,9 @@ impl Worker {
         }
         shared.observer.on_claimed(&events);
 
-        let mut lease = LeaseKeeper::new(config.lease);
+        // The database's lease began at the claim's now(): count from when
+        // the claim was sent, never later.
+        let mut lease = LeaseKeeper::new(config.lease, sent);
         for (index, event) in events.iter().enumerate() {
             if self.stopping() {
                 let rest = index..events.len();
@@ -249,7 +257,7 @@ impl Worker {
         let settled = outcomes.len();
         self.settle(slot, claimed.token, &events, outcomes)?;
         shared.housekeeping.settled(settled);
-        Ok(if full || unblocked || met_blocked {
+        Ok(if full || unblocked || made_room {
             Round::More
         } else {
             Round::Partial
@@ -365,59 +373,8 @@ impl Worker {
                 Err(error) => return Err(error),
             }
         };
-        self.wake_successors(slot, events, &outcomes, &settled);
         self.report(events, outcomes, &settled);
         Ok(())
-    }
-
-    /// Makes the next event of each key whose event was just delivered or
-    /// dead-lettered due at once, if a claim deferred it. Best effort: if
-    /// this fails, a deferred event comes due by itself a minute after its
-    /// predecessor's lease.
-    fn wake_successors(
-        &self,
-        slot: &mut Option<PooledConn>,
-        events: &[StoredEvent],
-        outcomes: &[Outcome],
-        settled: &[EventId],
-    ) {
-        let settled: std::collections::HashSet<EventId> = settled.iter().copied().collect();
-        let done: Vec<(i64, &str)> = outcomes
-            .iter()
-            .filter(|o| matches!(o.verdict, Verdict::Delivered | Verdict::Dead { .. }))
-            .filter(|o| settled.contains(&o.id))
-            .filter_map(|o| {
-                let key = events[o.event?].key.as_deref()?;
-                Some((o.id.get(), key))
-            })
-            .collect();
-        if done.is_empty() {
-            return;
-        }
-        // A few tries on fresh connections: the settle has committed, and a
-        // successor missed here waits for its safety margin (a minute).
-        for tries in 1..=3 {
-            let result = match slot {
-                Some(conn) => store::wake_successors(conn, &done).map_err(Error::from),
-                None => self
-                    .shared
-                    .pool
-                    .get()
-                    .map_err(Error::from)
-                    .and_then(|conn| Ok(store::wake_successors(slot.insert(conn), &done)?)),
-            };
-            match result {
-                Ok(_) => return,
-                Err(error) if tries < 3 && !self.stopping() => {
-                    *slot = None;
-                    tracing::debug!(relay = %self.shared.name, error = %error, "making deferred events of settled keys due failed; retrying");
-                }
-                Err(error) => {
-                    tracing::warn!(relay = %self.shared.name, error = %error, "making deferred events of settled keys due failed; they come due by themselves within a minute");
-                    return;
-                }
-            }
-        }
     }
 
     /// Counts and tells the observer what was committed.
@@ -486,10 +443,12 @@ struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    fn new(lease: Duration) -> Self {
+    /// `began`: no later than the database's start of the lease (the
+    /// moment the claim was sent).
+    fn new(lease: Duration, began: Instant) -> Self {
         LeaseKeeper {
             lease,
-            renewed_at: Instant::now(),
+            renewed_at: began,
             longest_call: Duration::ZERO,
             held: None,
         }

@@ -30,9 +30,7 @@ pub(crate) use migrations::{
 };
 pub(crate) use publish::{insert_event, insert_events};
 pub(crate) use queue::queued_events;
-pub(crate) use relay::{
-    claim, defer, extend_lease, settle, wake_stranded, wake_successors, TopicFilter, Verdict,
-};
+pub(crate) use relay::{claim, defer, extend_lease, settle, TopicFilter, Verdict};
 
 pub(crate) mod schema {
     diesel::table! {

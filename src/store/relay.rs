@@ -19,6 +19,9 @@ pub(crate) struct Claimed {
     pub(crate) rows: Vec<ClaimedRow>,
     pub(crate) blocked: Vec<i64>,
     pub(crate) next_due_in: Option<std::time::Duration>,
+    /// Claimed events that came due by their deferral margin rather than
+    /// being woken (see [`ClaimedRow`]).
+    pub(crate) rescued: Vec<EventId>,
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
@@ -60,6 +63,11 @@ pub(crate) struct ClaimedRow {
     /// fields are placeholders).
     #[diesel(sql_type = Bool)]
     blocked: bool,
+    /// Claimed while still flagged deferred: it came due by its margin, so
+    /// nothing woke it when its earlier event went away (deleted by hand,
+    /// purged). Counted as a rescue; zero when relays alone settle.
+    #[diesel(sql_type = Bool)]
+    came_due_deferred: bool,
     /// Only on the one row that is not an event (`id` 0): microseconds
     /// until the next routed event comes due.
     #[diesel(sql_type = Nullable<BigInt>)]
@@ -117,7 +125,7 @@ pub(crate) fn claim(
         "WITH token AS (
              SELECT nextval('outbox.claim_tokens') AS value
          ), window_ AS (
-             SELECT e.id,
+             SELECT e.id, e.deferred,
                     (e.key IS NOT NULL AND EXISTS (
                         SELECT FROM outbox.events earlier
                          WHERE earlier.key = e.key
@@ -139,7 +147,8 @@ pub(crate) fn claim(
               WHERE e.id = w.id AND NOT w.blocked
           RETURNING token.value AS token, e.id, e.topic, e.key, e.payload::text AS payload,
                     e.headers::text AS headers, e.created_at, e.available_at, e.attempts,
-                    e.last_error, false AS blocked, NULL::bigint AS next_due_in_us
+                    e.last_error, false AS blocked, w.deferred AS came_due_deferred,
+                    NULL::bigint AS next_due_in_us
          ), next_due AS (
              SELECT e.available_at
                FROM outbox.events e
@@ -151,11 +160,11 @@ pub(crate) fn claim(
          )
          SELECT * FROM claimed
          UNION ALL
-         SELECT 0, w.id, '', NULL, '', '', now(), now(), 0, NULL, true, NULL
+         SELECT 0, w.id, '', NULL, '', '', now(), now(), 0, NULL, true, false, NULL
            FROM window_ w
           WHERE w.blocked
          UNION ALL
-         SELECT 0, 0, '', NULL, '', '', now(), now(), 0, NULL, false,
+         SELECT 0, 0, '', NULL, '', '', now(), now(), 0, NULL, false, false,
                 ceil(extract(epoch FROM n.available_at - now()) * 1e6)::bigint
            FROM next_due n",
         ClaimBinds {
@@ -180,18 +189,26 @@ pub(crate) fn claim(
     }
     let token = claimed.first().map_or(0, |r| r.token);
     claimed.sort_unstable_by_key(|r| r.id);
+    let rescued = claimed
+        .iter()
+        .filter(|r| r.came_due_deferred)
+        .map(|r| EventId(r.id))
+        .collect();
     Ok(Claimed {
         token,
         rows: claimed,
         blocked,
         next_due_in,
+        rescued,
     })
 }
 
 /// How far past its key's earlier event (its lease end or retry time) a
-/// deferred event is moved. Only a safety net: settling that earlier event
-/// makes the next one due again at once. A long margin keeps a key with a
-/// huge backlog from being rescanned often.
+/// deferred event is moved. Settling that earlier event makes the next one
+/// due again at once, in the settle's own transaction; the margin only
+/// matters when the earlier event is deleted some other way (by hand, or
+/// `purge`), and then the event comes due by itself. A long margin keeps a
+/// key with a huge backlog from being rescanned often.
 const DEFER_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How far ahead an event is deferred at most (before the margin), however
@@ -199,26 +216,37 @@ const DEFER_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 /// delay is years, the deferred event is looked at again after this.
 const DEFER_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
+/// How long an event is set aside, not deferred, when its earlier event is
+/// locked right now (a claim or settle in progress, or someone's own
+/// transaction): out of the next claims' way, so they do not read it again
+/// and again, and looked at again soon.
+const SET_ASIDE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Moves events that wait for an earlier event of their key (`ids`, from a
-/// claim) out of the claim's way: `available_at` past that earlier event's
-/// own `available_at` (at most [`DEFER_AT_MOST`] ahead) plus
-/// [`DEFER_MARGIN`], and `deferred` set so that settling the earlier event
-/// makes them due again ([`settle`]).
+/// claim) out of the claim's way, and never waits for a lock:
 ///
-/// A statement of its own, after the claim has committed. It locks the
-/// earlier event (`FOR KEY SHARE`) before deferring, so a settle deleting
-/// that event waits for the deferral and then makes the event due again;
-/// it cannot slip in between. `SKIP LOCKED`: an earlier event that a settle
-/// is deleting right now (or a claim holds) is passed over, and the event
-/// is then deferred behind a still earlier one or not at all (the next
-/// claim reads it again). Never waiting for an earlier event also means a
-/// deferral and a settle can never wait for each other in a cycle.
-/// Events claimed or made due by others in between are left alone.
+/// - Each event is locked first, `FOR UPDATE SKIP LOCKED`, and only while
+///   it is still due (`available_at <= now()`): one that another relay has
+///   claimed since, or that a claim is taking right now, is left alone (the
+///   fence), and the defer never waits behind a claim.
+/// - Then its key's first earlier event is locked `FOR KEY SHARE SKIP
+///   LOCKED`: a settle deleting that event waits for this deferral to
+///   commit, and its wake (a later statement of its transaction) sees it.
+///   The event is deferred: `available_at` past the earlier event's own
+///   (at most [`DEFER_AT_MOST`] ahead) plus [`DEFER_MARGIN`], `deferred`
+///   set so that the settle wakes it.
+/// - If every earlier event is locked (being claimed or settled right now),
+///   the event is only set aside for [`SET_ASIDE`], not flagged: a settle
+///   need not wake it, and the claims do not meet it again at once.
+/// - If no earlier event is left, the event is due and left as it is.
+///
+/// Returns how many events were moved (deferred or set aside).
 pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> {
     struct DeferBinds<'a> {
         ids: &'a [i64],
         margin_us: i64,
         at_most_us: i64,
+        aside_us: i64,
     }
     impl Binds for DeferBinds<'_> {
         fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -226,33 +254,49 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
                 1 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
                 2 => out.push_bind_param::<BigInt, _>(&self.margin_us),
                 3 => out.push_bind_param::<BigInt, _>(&self.at_most_us),
+                4 => out.push_bind_param::<BigInt, _>(&self.aside_us),
                 _ => Err(unknown_parameter(n)),
             }
         }
     }
     struct DeferStatement;
     Prepared::<DeferStatement, _>::new(
-        "UPDATE outbox.events e
-            SET available_at = least(greatest(earlier.available_at, now()),
-                                     now() + $3 * interval '1 microsecond')
-                               + $2 * interval '1 microsecond',
-                deferred = true
-           FROM unnest($1::bigint[]) AS b(id)
-          CROSS JOIN LATERAL (
-                SELECT earlier.available_at
-                  FROM outbox.events earlier
-                 WHERE earlier.key = (SELECT key FROM outbox.events WHERE id = b.id)
-                   AND earlier.id < b.id
-                 ORDER BY earlier.id
-                 LIMIT 1
-                   FOR KEY SHARE SKIP LOCKED
-          ) earlier
-          WHERE e.id = b.id
-            AND e.available_at <= now()",
+        "WITH target AS (
+             SELECT e.id, e.key
+               FROM outbox.events e
+              WHERE e.id = ANY($1)
+                AND e.key IS NOT NULL
+                AND e.available_at <= now()
+                FOR UPDATE SKIP LOCKED
+         ), placed AS (
+             SELECT t.id, earlier.available_at AS behind
+               FROM target t
+               LEFT JOIN LATERAL (
+                    SELECT earlier.available_at
+                      FROM outbox.events earlier
+                     WHERE earlier.key = t.key
+                       AND earlier.id < t.id
+                     ORDER BY earlier.id
+                     LIMIT 1
+                       FOR KEY SHARE SKIP LOCKED
+               ) earlier ON true
+              WHERE EXISTS (SELECT FROM outbox.events any_earlier
+                             WHERE any_earlier.key = t.key AND any_earlier.id < t.id)
+         )
+         UPDATE outbox.events e
+            SET available_at = CASE
+                    WHEN p.behind IS NULL THEN now() + $4 * interval '1 microsecond'
+                    ELSE least(greatest(p.behind, now()), now() + $3 * interval '1 microsecond')
+                         + $2 * interval '1 microsecond'
+                END,
+                deferred = p.behind IS NOT NULL
+           FROM placed p
+          WHERE e.id = p.id",
         DeferBinds {
             ids,
             margin_us: micros(DEFER_MARGIN),
             at_most_us: micros(DEFER_AT_MOST),
+            aside_us: micros(SET_ASIDE),
         },
     )
     .execute(conn)
@@ -306,23 +350,23 @@ struct SettledId {
     id: i64,
 }
 
-/// Settles a batch in one statement and one round trip: deletes the
-/// delivered, reschedules retries, releases untried events, and moves dead
-/// ones to `outbox.dead_letters` in the same transaction that deletes them.
+/// Settles a batch in one round trip and one transaction, through
+/// `outbox.settle` (migration 000004): deletes the delivered, reschedules
+/// retries, releases untried events, and moves dead ones to
+/// `outbox.dead_letters`; then, in a second statement of the same
+/// transaction, makes the next deferred event of every deleted keyed event
+/// due at once.
 ///
 /// Fencing: every branch requires `claim_token = token`, so a relay whose
 /// lease expired (and whose events another relay now holds) changes
 /// nothing. Returns the ids actually settled; the others were lost.
 ///
-/// A delivered or dead keyed event makes the next deferred event of its key
-/// due at once, in the same statement (so a relay dying right after cannot
-/// leave it waiting); one probe of the small `events_deferred_idx`. If an
-/// earlier event of the key is still queued, the next claim defers it
-/// again. Only deferred rows are written: writing every next row would
-/// double a keyed workload's writes (measured: the relay at 0.37x of raw
-/// SQL). A deferral this statement's snapshot cannot see (one it waited
-/// for, through the `FOR KEY SHARE` lock on the deleted event) is caught by
-/// [`wake_successors`], run after.
+/// Why a second statement: a deferral holds `FOR KEY SHARE` on the event it
+/// defers behind until it commits, so deleting that event waits for it; the
+/// deleting statement keeps its older snapshot and cannot see the deferral,
+/// the next statement's snapshot can. Both commit together, so no relay
+/// crash or lost reply can leave a successor deferred behind a deleted
+/// event (docs/design.md §3).
 pub(crate) fn settle(
     conn: &mut PgConnection,
     token: i64,
@@ -333,7 +377,7 @@ pub(crate) fn settle(
         .iter()
         .all(|(_, v)| matches!(v, Verdict::Delivered))
     {
-        return delete_delivered(conn, token, &ids);
+        return settle_delivered(conn, token, &ids);
     }
     let mut kinds = Vec::with_capacity(verdicts.len());
     let mut delays = Vec::with_capacity(verdicts.len());
@@ -370,62 +414,7 @@ pub(crate) fn settle(
     }
     struct SettleStatement;
     let settled: Vec<SettledId> = Prepared::<SettleStatement, _>::new(
-        "WITH outcome AS (
-             SELECT *
-               FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[])
-                 AS o(id, verdict, delay_us, error)
-         ), delivered AS (
-             DELETE FROM outbox.events e
-              USING outcome o
-              WHERE e.id = o.id AND o.verdict = 'delivered' AND e.claim_token = $1
-          RETURNING e.id, e.key
-         ), retried AS (
-             UPDATE outbox.events e
-                SET available_at = now() + o.delay_us * interval '1 microsecond',
-                    last_error = o.error,
-                    claim_token = NULL
-               FROM outcome o
-              WHERE e.id = o.id AND o.verdict = 'retry' AND e.claim_token = $1
-          RETURNING e.id
-         ), released AS (
-             UPDATE outbox.events e
-                SET available_at = now(),
-                    attempts = greatest(e.attempts - 1, 0),
-                    claim_token = NULL
-               FROM outcome o
-              WHERE e.id = o.id AND o.verdict = 'release' AND e.claim_token = $1
-          RETURNING e.id
-         ), died AS (
-             DELETE FROM outbox.events e
-              USING outcome o
-              WHERE e.id = o.id AND o.verdict = 'dead' AND e.claim_token = $1
-          RETURNING e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
-                    e.attempts, o.error
-         ), buried AS (
-             INSERT INTO outbox.dead_letters
-                    (id, topic, key, payload, headers, created_at, attempts, last_error)
-             SELECT * FROM died
-                 ON CONFLICT (id) DO UPDATE
-                SET topic = excluded.topic, key = excluded.key,
-                    payload = excluded.payload, headers = excluded.headers,
-                    created_at = excluded.created_at, attempts = excluded.attempts,
-                    last_error = excluded.last_error, failed_at = now()
-          RETURNING id
-         ), pulled AS (
-             UPDATE outbox.events e
-                SET available_at = now(),
-                    deferred = false
-               FROM (SELECT id, key FROM delivered UNION ALL SELECT id, key FROM died) done
-              WHERE done.key IS NOT NULL
-                AND e.id = (SELECT min(next.id) FROM outbox.events next
-                             WHERE next.key = done.key AND next.id > done.id
-                               AND next.deferred)
-                AND e.deferred
-         )
-         SELECT id FROM delivered
-         UNION ALL SELECT id FROM retried
-         UNION ALL SELECT id FROM released
-         UNION ALL SELECT id FROM buried",
+        "SELECT id FROM outbox.settle($1, $2, $3, $4, $5) AS s(id)",
         SettleBinds {
             token,
             ids: &ids,
@@ -439,9 +428,9 @@ pub(crate) fn settle(
 }
 
 /// The common case of [`settle`]: every event of the batch was delivered.
-/// Primary key lookups, fenced by the token like every settle, and the
-/// same wake-up of deferred successors.
-fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryResult<Vec<EventId>> {
+/// `outbox.settle_delivered`: primary key deletes, fenced by the token, and
+/// the same wake of deferred successors in the same transaction.
+fn settle_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryResult<Vec<EventId>> {
     struct DeleteBinds<'a> {
         token: i64,
         ids: &'a [i64],
@@ -455,25 +444,9 @@ fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryRe
             }
         }
     }
-    struct DeleteDeliveredStatement;
-    let settled: Vec<SettledId> = Prepared::<DeleteDeliveredStatement, _>::new(
-        "WITH delivered AS (
-             DELETE FROM outbox.events
-              WHERE id = ANY($2)
-                AND claim_token = $1
-          RETURNING id, key
-         ), pulled AS (
-             UPDATE outbox.events e
-                SET available_at = now(),
-                    deferred = false
-               FROM delivered done
-              WHERE done.key IS NOT NULL
-                AND e.id = (SELECT min(next.id) FROM outbox.events next
-                             WHERE next.key = done.key AND next.id > done.id
-                               AND next.deferred)
-                AND e.deferred
-         )
-         SELECT id FROM delivered",
+    struct SettleDeliveredStatement;
+    let settled: Vec<SettledId> = Prepared::<SettleDeliveredStatement, _>::new(
+        "SELECT id FROM outbox.settle_delivered($1, $2) AS s(id)",
         DeleteBinds { token, ids },
     )
     .load(conn)?;
@@ -482,88 +455,6 @@ fn delete_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryRe
 
 fn unknown_parameter(n: usize) -> diesel::result::Error {
     diesel::result::Error::QueryBuilderError(format!("statement has no parameter ${n}").into())
-}
-
-/// Makes the next deferred event of each key due at once: `done` are the
-/// (id, key) of keyed events just deleted (delivered or dead-lettered) by a
-/// settle that has committed.
-///
-/// The settle already does this for what its snapshot shows; this second
-/// look, with a snapshot taken after the settle committed, catches a
-/// deferral the settle waited for (its `FOR KEY SHARE` lock on the deleted
-/// event) and so could not see. A deferral that starts later finds the
-/// event gone and defers nothing. If this fails, such an event comes due by
-/// itself [`DEFER_MARGIN`] after its predecessor's lease.
-pub(crate) fn wake_successors(conn: &mut PgConnection, done: &[(i64, &str)]) -> QueryResult<usize> {
-    struct WakeBinds {
-        ids: Vec<i64>,
-        keys: Vec<String>,
-    }
-    impl Binds for WakeBinds {
-        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-            match n {
-                1 => out.push_bind_param::<Array<BigInt>, _>(&self.ids),
-                2 => out.push_bind_param::<Array<Text>, _>(&self.keys),
-                _ => Err(unknown_parameter(n)),
-            }
-        }
-    }
-    struct WakeSuccessorsStatement;
-    Prepared::<WakeSuccessorsStatement, _>::new(
-        "UPDATE outbox.events e
-            SET available_at = now(),
-                deferred = false
-           FROM unnest($1::bigint[], $2::text[]) AS done(id, key)
-          WHERE e.id = (SELECT min(next.id) FROM outbox.events next
-                         WHERE next.key = done.key AND next.id > done.id
-                           AND next.deferred)
-            AND e.deferred",
-        WakeBinds {
-            ids: done.iter().map(|(id, _)| *id).collect(),
-            keys: done.iter().map(|(_, key)| (*key).to_owned()).collect(),
-        },
-    )
-    .execute(conn)
-}
-
-/// The safety net behind [`settle`] and [`wake_successors`]: makes due at
-/// once every deferred event that is the first queued event of its key
-/// (its earlier events are gone, yet nothing woke it: a relay killed at the
-/// wrong moment, a row deleted by hand). Walks the keys of deferred events
-/// through `events_deferred_idx` one key at a time (a loose index scan),
-/// so it costs one probe per key with deferred events, however many
-/// events each has.
-pub(crate) fn wake_stranded(conn: &mut PgConnection) -> QueryResult<usize> {
-    struct NoBinds;
-    impl Binds for NoBinds {
-        fn push<'b>(&'b self, n: usize, _: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-            Err(unknown_parameter(n))
-        }
-    }
-    struct WakeStrandedStatement;
-    Prepared::<WakeStrandedStatement, _>::new(
-        "WITH RECURSIVE heads AS (
-             (SELECT key, id FROM outbox.events
-               WHERE deferred ORDER BY key, id LIMIT 1)
-             UNION ALL
-             SELECT next.key, next.id
-               FROM heads h
-              CROSS JOIN LATERAL (
-                    SELECT key, id FROM outbox.events
-                     WHERE deferred AND key > h.key
-                     ORDER BY key, id LIMIT 1) next
-         )
-         UPDATE outbox.events e
-            SET available_at = now(),
-                deferred = false
-           FROM heads h
-          WHERE e.id = h.id
-            AND e.deferred
-            AND NOT EXISTS (SELECT FROM outbox.events earlier
-                             WHERE earlier.key = h.key AND earlier.id < h.id)",
-        NoBinds,
-    )
-    .execute(conn)
 }
 
 /// Extends the lease of events still held under `token`, for deliveries

@@ -11,7 +11,7 @@ use crate::common::count;
 use crate::pg;
 
 /// The migrations in `migrations/`, all applied by a first `migrate`.
-const MIGRATIONS: usize = 3;
+const MIGRATIONS: usize = 4;
 
 fn app_migrations() -> FileBasedMigrations {
     FileBasedMigrations::from_path(concat!(
@@ -46,7 +46,12 @@ fn migrate_applies_once_then_finds_nothing_to_do() {
     assert_eq!(count(&mut conn, "outbox.dead_letters"), 0);
     assert_eq!(
         versions(&mut conn, "outbox.__diesel_schema_migrations"),
-        ["20261128000001", "20261128000002", "20261128000003"]
+        [
+            "20261128000001",
+            "20261128000002",
+            "20261128000003",
+            "20261202000004"
+        ]
     );
 }
 
@@ -114,7 +119,12 @@ fn host_application_migrations_run_revert_and_redo_beside_outbox() {
     // Ours is untouched throughout, and still up to date.
     assert_eq!(
         versions(&mut conn, "outbox.__diesel_schema_migrations"),
-        ["20261128000001", "20261128000002", "20261128000003"]
+        [
+            "20261128000001",
+            "20261128000002",
+            "20261128000003",
+            "20261202000004"
+        ]
     );
     assert_eq!(outbox::migrate(&mut conn).unwrap(), 0);
     assert_eq!(count(&mut conn, "outbox.events"), 0);

@@ -34,6 +34,7 @@ pub enum Signal {
     },
     Released(Vec<EventId>),
     LeaseLost(Vec<EventId>),
+    StrandedRescued(Vec<EventId>),
     Reconnected(&'static str),
     Error(String),
 }
@@ -73,6 +74,9 @@ impl outbox::Observer for Recorder {
     }
     fn on_lease_lost(&self, events: &[EventId]) {
         let _ = self.0.send(Signal::LeaseLost(events.to_vec()));
+    }
+    fn on_stranded_rescued(&self, events: &[EventId]) {
+        let _ = self.0.send(Signal::StrandedRescued(events.to_vec()));
     }
     fn on_error(&self, error: &outbox::Error) {
         let _ = self.0.send(Signal::Error(error.to_string()));
