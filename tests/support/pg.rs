@@ -8,6 +8,25 @@
 //!
 //! Each [`TestDb`] is a fresh database cloned from a migrated template, so
 //! tests run in parallel without seeing each other's rows or notifications.
+//!
+//! A test process killed before its [`TestDb`]s drop leaves databases named
+//! `outbox_test_<pid>_<n>` on a `DATABASE_URL` server; the next test process
+//! to start drops those whose owner is gone ([`drop_leftovers`]). An owner
+//! counts as gone only when both are true:
+//! - no session holds the advisory lock `(7370617, pid)`, which every test
+//!   process takes on a connection it keeps open until it exits. The server
+//!   sees every client, so this protects a live owner on another machine or
+//!   in another container (another pid namespace), where `/proc` would say
+//!   nothing;
+//! - `/proc/<pid>` does not exist on this machine. This protects the
+//!   databases of a live test binary built before the lock existed. A pid
+//!   reused by an unrelated process only keeps a leftover until it exits;
+//!   we never compare process start times, which would add a way to drop a
+//!   live owner's databases and no way to keep one.
+//!
+//! A process that starts with a pid a dead test process had also drops the
+//! databases named after that pid, once it holds the lock and before it
+//! creates any (otherwise `CREATE DATABASE` would find them there).
 #![allow(dead_code)]
 
 use std::os::unix::fs::MetadataExt as _;
@@ -87,6 +106,8 @@ struct Server {
     template: String,
     /// Closing this (at process exit) tells the watchdog to stop the cluster.
     _watchdog: Option<Mutex<ChildStdin>>,
+    /// Holds this process's owner lock until it exits.
+    _owner: Option<Mutex<PgConnection>>,
 }
 
 fn server() -> &'static Server {
@@ -103,7 +124,10 @@ fn server() -> &'static Server {
             admin_url,
             template: String::new(),
             _watchdog: watchdog,
+            _owner: None,
         };
+        server._owner = Some(Mutex::new(own_databases(&server)));
+        drop_leftovers(&mut admin_conn(&server));
         server.template = migrated_template(&server);
         server
     })
@@ -116,6 +140,93 @@ fn admin_conn(server: &Server) -> PgConnection {
             redact(&server.admin_url)
         )
     })
+}
+
+/// The advisory lock class whose lock `(OWNER_LOCK, pid)` a live test
+/// process holds.
+const OWNER_LOCK: i32 = 7370617;
+
+#[derive(QueryableByName)]
+struct Database {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    datname: String,
+}
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    locked: bool,
+}
+
+/// The test databases on the server, with the pid each is named after.
+fn test_databases(admin: &mut PgConnection) -> Vec<(u32, String)> {
+    diesel::sql_query(
+        "SELECT datname FROM pg_database WHERE datname ~ '^outbox_test_[0-9]+_[0-9]+$'",
+    )
+    .load::<Database>(admin)
+    .expect("listing test databases")
+    .into_iter()
+    .filter_map(|db| {
+        let pid = db.datname.split('_').nth(2)?.parse().ok()?;
+        Some((pid, db.datname))
+    })
+    .collect()
+}
+
+fn drop_database(admin: &mut PgConnection, name: &str) {
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(admin)
+        .unwrap_or_else(|e| panic!("dropping test database {name}: {e}"));
+}
+
+/// Takes this process's owner lock on a connection kept for the life of the
+/// process, then drops the databases a dead process with our pid left.
+fn own_databases(server: &Server) -> PgConnection {
+    let pid = std::process::id();
+    let mut owner = admin_conn(server);
+    // A process with our pid on another machine would hold it for good;
+    // a dead one's session ends within moments of its death.
+    diesel::sql_query("SET lock_timeout = '30s'")
+        .execute(&mut owner)
+        .expect("setting lock_timeout");
+    diesel::sql_query(format!("SELECT pg_advisory_lock({OWNER_LOCK}, {pid})"))
+        .execute(&mut owner)
+        .unwrap_or_else(|e| panic!("another live test process uses pid {pid} on this server: {e}"));
+    for (_, name) in test_databases(&mut owner)
+        .into_iter()
+        .filter(|(owner, _)| *owner == pid)
+    {
+        drop_database(&mut owner, &name);
+    }
+    owner
+}
+
+/// Drops the test databases of other processes that are gone (see the
+/// module docs for how an owner counts as gone); returns their names.
+pub fn drop_leftovers(admin: &mut PgConnection) -> Vec<String> {
+    let me = std::process::id();
+    let mut dropped = Vec::new();
+    for (pid, name) in test_databases(admin) {
+        if pid == me || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // Held while dropping, so a new process with this pid waits for the
+        // drop before it creates databases under the same names.
+        let free = diesel::sql_query(format!(
+            "SELECT pg_try_advisory_lock({OWNER_LOCK}, {pid}) AS locked"
+        ))
+        .get_result::<Locked>(admin)
+        .expect("trying a test process's owner lock")
+        .locked;
+        if free {
+            drop_database(admin, &name);
+            diesel::sql_query(format!("SELECT pg_advisory_unlock({OWNER_LOCK}, {pid})"))
+                .execute(admin)
+                .expect("releasing a test process's owner lock");
+            dropped.push(name);
+        }
+    }
+    dropped
 }
 
 /// The template database for this version of the migrations, built once
@@ -401,4 +512,91 @@ pub fn postgres_bindir() -> Option<PathBuf> {
         candidates.extend(std::env::split_paths(&path));
     }
     candidates.into_iter().find(|dir| has_tools(dir))
+}
+
+#[cfg(test)]
+mod leftovers {
+    use super::*;
+
+    /// A database named as if test process `pid` had left it; dropped by
+    /// the returned value in case `drop_leftovers` keeps it.
+    fn leftover(admin: &mut PgConnection, pid: u32) -> TestDb {
+        let name = format!("outbox_test_{pid}_0");
+        diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE template0"))
+            .execute(admin)
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        let url = with_database(&server().admin_url, &name);
+        TestDb { name, url }
+    }
+
+    fn exists(admin: &mut PgConnection, db: &TestDb) -> bool {
+        test_databases(admin)
+            .iter()
+            .any(|(_, name)| name == db.name())
+    }
+
+    /// The pid of a process that has exited and been reaped.
+    fn exited_pid() -> u32 {
+        let mut child = Command::new("true").spawn().expect("running `true`");
+        child.wait().expect("waiting for `true`");
+        child.id()
+    }
+
+    fn owner_lock(conn: &mut PgConnection, function: &str, pid: u32) {
+        diesel::sql_query(format!("SELECT {function}({OWNER_LOCK}, {pid})"))
+            .execute(conn)
+            .unwrap_or_else(|e| panic!("{function} for pid {pid}: {e}"));
+    }
+
+    #[test]
+    fn leftovers_are_dropped_once_their_process_is_gone_here_and_on_the_server() {
+        let mut admin = admin();
+        // Gone: no process, no owner lock.
+        let dead = leftover(&mut admin, exited_pid());
+        // Alive here: a running process (not a test binary, and without the
+        // owner lock, like a test binary built before the lock existed).
+        let mut cat = Command::new("cat")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("running `cat`");
+        let running = leftover(&mut admin, cat.id());
+        // Alive elsewhere: no such process here, but a session holds its
+        // owner lock, as a test process on another machine would.
+        let remote_pid = exited_pid();
+        let mut remote = super::admin();
+        owner_lock(&mut remote, "pg_advisory_lock", remote_pid);
+        let elsewhere = leftover(&mut admin, remote_pid);
+
+        let dropped = drop_leftovers(&mut admin);
+        assert!(!exists(&mut admin, &dead), "{} is still there", dead.name());
+        assert!(
+            exists(&mut admin, &running),
+            "{} was dropped",
+            running.name()
+        );
+        assert!(
+            exists(&mut admin, &elsewhere),
+            "{} was dropped",
+            elsewhere.name()
+        );
+        assert!(!dropped
+            .iter()
+            .any(|n| n == running.name() || n == elsewhere.name()));
+
+        // Once both owners are gone, the next cleanup drops theirs too.
+        drop(cat.stdin.take());
+        cat.wait().expect("waiting for `cat`");
+        owner_lock(&mut remote, "pg_advisory_unlock", remote_pid);
+        drop_leftovers(&mut admin);
+        assert!(
+            !exists(&mut admin, &running),
+            "{} is still there",
+            running.name()
+        );
+        assert!(
+            !exists(&mut admin, &elsewhere),
+            "{} is still there",
+            elsewhere.name()
+        );
+    }
 }
