@@ -145,6 +145,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let poison = approve(&mut conn, 9, "nobody@example.invalid")?;
     println!("order 9 approved; event {poison} queued (its address will bounce)");
+    println!(
+        "no event {}: order 8's event took that id before its transaction rolled back \
+         (ids come from a sequence, which never rolls back: expect gaps)",
+        id.get() + 1
+    );
+    assert_eq!(poison.get(), id.get() + 2, "one id lost to the rollback");
 
     #[derive(QueryableByName)]
     struct Count {
