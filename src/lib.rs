@@ -84,6 +84,11 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+// The in-crate tests share tests/support/pg.rs, which names the crate
+// `outbox` as the integration tests do.
+#[cfg(test)]
+extern crate self as outbox;
+
 mod admin;
 mod backoff;
 mod error;

@@ -520,3 +520,18 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_that_began_before_a_slow_claim_is_renewed_before_the_first_call() {
+        // Scenario 2 of issue 12: 2.4 s of a 3 s lease went by between
+        // sending the claim and the first sink call.
+        let lease = Duration::from_secs(3);
+        let sent = Instant::now() - Duration::from_millis(2400);
+        assert!(LeaseKeeper::new(lease, sent).due());
+        assert!(!LeaseKeeper::new(lease, Instant::now()).due());
+    }
+}

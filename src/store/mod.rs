@@ -10,6 +10,10 @@ mod prepared;
 mod publish;
 mod queue;
 mod relay;
+#[cfg(test)]
+mod relay_model_tests;
+#[cfg(test)]
+mod relay_race_tests;
 pub(crate) mod wakeup;
 
 use std::io::Write;
