@@ -39,12 +39,20 @@ fn pool(db: &pg::TestDb) -> PgPool {
 }
 
 fn fill_backlog(conn: &mut PgConnection, n: usize) {
+    // `OUTBOX_DRAIN_KEYS=1000`: the events spread round-robin over that
+    // many ordering keys (0, the default: keyless).
+    let keys: i32 = std::env::var("OUTBOX_DRAIN_KEYS")
+        .ok()
+        .map(|k| k.parse().expect("OUTBOX_DRAIN_KEYS must be a number"))
+        .unwrap_or(0);
     diesel::sql_query(
-        "INSERT INTO outbox.events (topic, payload)
-         SELECT 'bench.drain', jsonb_build_object('n', g, 'email', 'customer' || g || '@example.com')
+        "INSERT INTO outbox.events (topic, key, payload)
+         SELECT 'bench.drain', CASE WHEN $2 > 0 THEN 'k' || (g % $2) END,
+                jsonb_build_object('n', g, 'email', 'customer' || g || '@example.com')
            FROM generate_series(1, $1) g",
     )
     .bind::<diesel::sql_types::Integer, _>(n as i32)
+    .bind::<diesel::sql_types::Integer, _>(keys)
     .execute(conn)
     .unwrap();
     diesel::sql_query("VACUUM ANALYZE outbox.events")

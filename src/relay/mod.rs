@@ -3,9 +3,9 @@
 //!
 //! Threads: one listener (LISTEN on its own connection, only wakes),
 //! `workers` workers that each claim a batch, deliver it and settle it in
-//! one round trip, and one housekeeper (vacuums the table, wakes stranded
-//! deferred events). A worker holds one pooled connection per round and
-//! none while idle; the housekeeper, one only while it works.
+//! one round trip, and one housekeeper (vacuums the table). A worker holds
+//! one pooled connection per round and none while idle; the housekeeper,
+//! one only while it works.
 
 mod builder;
 mod housekeeping;

@@ -26,6 +26,7 @@
 //! | `OUTBOX_CHAOS_KILLS` | 10 | at least this many `kill -9` of a relay |
 //! | `OUTBOX_CHAOS_KILL_EVERY_MS` | 2000 | time between two kills |
 //! | `OUTBOX_CHAOS_PATIENCE_SECS` | 180 | how long the end of the run may take to drain |
+//! | `OUTBOX_CHAOS_DRAIN_SECS` | 8 | the drain after the faults stop must take at most this long (lease + 5 s; raise it for large runs) |
 //! | `OUTBOX_OUTAGE_SECS` | 15 | how long the receiver is down (60 for a local run) |
 //!
 //! `OUTBOX_CHAOS_KEEP_LOGS=1` keeps the relay logs (their directory is
