@@ -203,32 +203,38 @@ impl Worker {
         }
         Counters::add(&shared.counters.claimed, claimed.rows.len());
         let mut events = Vec::with_capacity(claimed.rows.len());
-        let mut outcomes = Vec::with_capacity(claimed.rows.len());
+        let mut unreadable = Vec::new();
         for row in claimed.rows {
-            let id = row.id();
             match row.into_event() {
                 Ok(event) => events.push(event),
                 // Valid jsonb that serde_json refuses (1e400, very deep
                 // nesting): no sink can be given it, so it dies at once
                 // instead of failing the batch on every claim.
-                Err(reason) => outcomes.push(Outcome {
-                    id,
-                    event: None,
-                    verdict: Verdict::Dead {
-                        error: format!("unreadable event: {reason}"),
-                    },
-                    error: None,
-                }),
+                Err((reason, event)) => unreadable.push((reason, event)),
             }
         }
         shared.observer.on_claimed(&events);
+        // Unreadable events go after the deliverable ones, already judged.
+        let deliverable = events.len();
+        let mut outcomes = Vec::with_capacity(deliverable + unreadable.len());
+        for (reason, event) in unreadable {
+            outcomes.push(Outcome {
+                id: event.id,
+                event: events.len(),
+                verdict: Verdict::Dead {
+                    error: format!("unreadable event: {reason}"),
+                },
+                error: None,
+            });
+            events.push(event);
+        }
 
         // The database's lease began at the claim's now(): count from when
         // the claim was sent, never later.
         let mut lease = LeaseKeeper::new(config.lease, sent);
-        for (index, event) in events.iter().enumerate() {
+        for (index, event) in events[..deliverable].iter().enumerate() {
             if self.stopping() {
-                let rest = index..events.len();
+                let rest = index..deliverable;
                 outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
                 break;
             }
@@ -252,7 +258,7 @@ impl Worker {
         // look again at once instead of waiting for the poll.
         let unblocked = outcomes.iter().any(|o| {
             matches!(o.verdict, Verdict::Delivered | Verdict::Dead { .. })
-                && o.event.is_some_and(|i| events[i].key.is_some())
+                && events[o.event].key.is_some()
         });
         let settled = outcomes.len();
         self.settle(slot, claimed.token, &events, outcomes)?;
@@ -282,7 +288,7 @@ impl Worker {
             Ok(()) => {
                 return Outcome {
                     id: event.id,
-                    event: Some(index),
+                    event: index,
                     verdict: Verdict::Delivered,
                     error: None,
                 }
@@ -309,7 +315,7 @@ impl Worker {
         };
         Outcome {
             id: event.id,
-            event: Some(index),
+            event: index,
             verdict,
             error: Some(error),
         }
@@ -389,11 +395,7 @@ impl Worker {
                 lost.push(outcome.id);
                 continue;
             }
-            let Some(event) = outcome.event.map(|index| &events[index]) else {
-                // An unreadable row: dead-lettered without a StoredEvent.
-                Counters::add(&counters.dead_lettered, 1);
-                continue;
-            };
+            let event = &events[outcome.event];
             match &outcome.verdict {
                 Verdict::Delivered => {
                     Counters::add(&counters.delivered, 1);
@@ -481,9 +483,8 @@ impl LeaseKeeper {
 /// One event's verdict, with the sink's error for the observer.
 struct Outcome {
     id: EventId,
-    /// Its index in the batch's events; `None` for a row that could not
-    /// even be read into a `StoredEvent`.
-    event: Option<usize>,
+    /// Its index in the batch's events (unreadable ones come last).
+    event: usize,
     verdict: Verdict,
     error: Option<DeliveryError>,
 }
@@ -492,7 +493,7 @@ impl Outcome {
     fn release(event: &StoredEvent, index: usize) -> Self {
         Outcome {
             id: event.id,
-            event: Some(index),
+            event: index,
             verdict: Verdict::Release,
             error: None,
         }

@@ -303,28 +303,34 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
 }
 
 impl ClaimedRow {
-    /// The event id, readable whatever the payload holds.
-    pub(crate) fn id(&self) -> EventId {
-        EventId(self.id)
-    }
-
-    /// Parses the row into a [`StoredEvent`]; the error says what is wrong.
-    pub(crate) fn into_event(self) -> Result<StoredEvent, String> {
+    /// Parses the row into a [`StoredEvent`]. If it cannot be read, the
+    /// error says why, beside the event as far as it can be told: the
+    /// payload as its raw JSON text (a JSON string), the headers if they
+    /// parse (else none), so that observers still hear of it.
+    pub(crate) fn into_event(self) -> Result<StoredEvent, (String, StoredEvent)> {
         let payload = serde_json::from_str(&self.payload)
-            .map_err(|e| format!("payload is valid jsonb but not readable here: {e}"))?;
+            .map_err(|e| format!("payload is valid jsonb but not readable here: {e}"));
         let headers = serde_json::from_str(&self.headers)
-            .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
-        Ok(StoredEvent {
+            .map_err(|e| format!("headers are not a JSON object of strings: {e}"));
+        let problem = match (&payload, &headers) {
+            (Err(reason), _) | (_, Err(reason)) => Some(reason.clone()),
+            _ => None,
+        };
+        let event = StoredEvent {
             id: EventId(self.id),
             topic: self.topic,
             key: self.key,
-            payload,
-            headers,
+            payload: payload.unwrap_or(serde_json::Value::String(self.payload)),
+            headers: headers.unwrap_or_default(),
             created_at: self.created_at,
             available_at: self.available_at,
             attempts: self.attempts,
             last_error: self.last_error,
-        })
+        };
+        match problem {
+            None => Ok(event),
+            Some(reason) => Err((reason, event)),
+        }
     }
 }
 

@@ -84,17 +84,24 @@ fn a_payload_nested_too_deep_by_plain_sql_is_dead_lettered_with_the_reason() {
         .start()
         .unwrap();
     let deep = "[".repeat(1000) + &"]".repeat(1000);
-    // A readable event beside it: the unreadable one has no hook of its own
-    // (there is no event to hand one), the batch's delivery says when it
-    // settled.
+    // A readable event beside it, delivered as usual.
     diesel::sql_query(format!(
         "INSERT INTO outbox.events (topic, payload) VALUES ('deep', '{deep}'), ('t', '{{}}')"
     ))
     .execute(&mut bed.conn())
     .unwrap();
-    bed.signals.until(|s| {
-        s.iter().any(|s| matches!(s, Signal::Delivered { .. })) && relay.stats().dead_lettered == 1
+    // The unreadable one is dead-lettered like any other: its hook fires
+    // (with the raw payload text, since it cannot be parsed).
+    let seen = bed.signals.until(|s| {
+        s.iter().any(|s| matches!(s, Signal::Delivered { .. }))
+            && s.iter().any(|s| matches!(s, Signal::Dead { .. }))
     });
+    assert!(
+        seen.iter().any(|s| matches!(s, Signal::Dead { id, error }
+            if id.get() == 1 && error.starts_with("unreadable event: payload is valid jsonb"))),
+        "{seen:#?}"
+    );
+    assert_eq!(relay.stats().dead_lettered, 1);
     relay.shutdown(PATIENCE).unwrap();
     let letters = crate::relay_support::dead_letters(&mut bed.conn());
     assert_eq!(letters.len(), 1);
