@@ -32,13 +32,20 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// What `outbox migrate` prints on an empty database: every migration.
+pub fn applied_all() -> String {
+    let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+    let count = std::fs::read_dir(migrations).unwrap().count();
+    format!("applied {count} migration(s)\n")
+}
+
 #[test]
 fn migrate_applies_then_reports_up_to_date() {
     let db = pg::empty_db();
     let first = outbox(db.url(), &["migrate"]);
     assert_eq!(
-        (first.status.code(), stdout(&first).as_str()),
-        (Some(0), "applied 3 migration(s)\n")
+        (first.status.code(), stdout(&first)),
+        (Some(0), applied_all())
     );
     let again = outbox(db.url(), &["migrate"]);
     assert_eq!(

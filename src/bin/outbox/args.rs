@@ -117,7 +117,7 @@ pub struct Relay {
     /// up to 20% jitter (default 1s).
     #[arg(long, value_parser = parse_duration)]
     pub backoff_initial: Option<Duration>,
-    /// Longest delay between two attempts (default 5m).
+    /// Longest delay between two attempts (default 1h).
     #[arg(long, value_parser = parse_duration)]
     pub backoff_max: Option<Duration>,
     /// Topic patterns to deliver (repeatable; exact, prefix.* or *).
