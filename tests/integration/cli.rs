@@ -712,3 +712,33 @@ fn the_relay_names_the_session_whose_old_snapshot_pins_dead_rows() {
     assert!(warning.contains("pg_terminate_backend"), "{warning}");
     assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
 }
+
+#[test]
+fn usage_lines_do_not_show_the_database_url_as_required() {
+    for database_url in [Some("postgres://postgres@127.0.0.1:1/nowhere"), None] {
+        for (args, usage) in [
+            (
+                vec!["relay", "--sink", "webhook"],
+                "Usage: outbox relay --sink <SINK> --url <URL>\n",
+            ),
+            (
+                vec!["dead-letters", "replay"],
+                "Usage: outbox dead-letters replay <IDS|--topic <TOPIC>|--all>\n",
+            ),
+        ] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+            command.args(&args).env_remove("DATABASE_URL");
+            if let Some(url) = database_url {
+                command.env("DATABASE_URL", url);
+            }
+            let output = command.output().unwrap();
+            let err = stderr(&output);
+            assert_eq!(output.status.code(), Some(2), "{err}");
+            assert!(err.contains(usage), "{database_url:?} {args:?}: {err}");
+        }
+    }
+    // The help still says where the URL comes from.
+    let help = stdout(&outbox("", &["status", "--help"]));
+    assert!(help.contains("--database-url <DATABASE_URL>"), "{help}");
+    assert!(help.contains("DATABASE_URL environment variable"), "{help}");
+}

@@ -9,9 +9,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version, about)]
 pub struct Cli {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    /// PostgreSQL connection: a postgres:// URL or a key=value string
+    /// (default: the DATABASE_URL environment variable).
+    // Not clap's `env`: clap counts a value from the environment as given
+    // and prints `--database-url <DATABASE_URL>` in every usage line.
+    #[arg(long, global = true)]
     pub database_url: Option<String>,
+
+    /// Where `database_url` came from, for messages: `--database-url` or
+    /// `DATABASE_URL`.
+    #[arg(skip)]
+    pub database_url_source: &'static str,
 
     /// Log format on stderr (what is logged: RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -19,6 +27,20 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line, with `DATABASE_URL` standing in for a missing
+    /// `--database-url`.
+    pub fn with_environment(mut self) -> Self {
+        if self.database_url.is_some() {
+            self.database_url_source = "--database-url";
+        } else if let Some(url) = std::env::var_os("DATABASE_URL") {
+            self.database_url = Some(url.to_string_lossy().into_owned());
+            self.database_url_source = "DATABASE_URL";
+        }
+        self
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Read, Write};
 use diesel::{Connection, PgConnection};
 
 use crate::args::{Cli, DeadLetters, Publish, Which, WhichPurge};
-use crate::table;
+use crate::{conninfo, table};
 
 pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
 
@@ -24,11 +24,18 @@ impl fmt::Display for Usage {
 
 impl Error for Usage {}
 
+/// The database URL, checked to be one libpq can read, so that a mistake
+/// is a usage error naming what was expected (libpq's own message for it
+/// names neither).
 pub fn database_url(cli: &Cli) -> Result<&str> {
-    cli.database_url
+    let url = cli
+        .database_url
         .as_deref()
-        .filter(|url| !url.is_empty())
-        .ok_or_else(|| Usage("no database: set DATABASE_URL or pass --database-url".into()).into())
+        .filter(|url| !url.trim().is_empty())
+        .ok_or_else(|| Usage("no database: set DATABASE_URL or pass --database-url".into()))?;
+    conninfo::check(url)
+        .map_err(|reason| Usage(format!("invalid {}: {reason}", cli.database_url_source)))?;
+    Ok(url)
 }
 
 pub fn connect(cli: &Cli) -> Result<PgConnection> {

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod conninfo;
 mod relay;
 mod table;
 
@@ -17,7 +18,7 @@ use args::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     // Usage errors exit with 2 (clap's convention).
-    let cli = Cli::parse();
+    let cli = Cli::parse().with_environment();
     init_logging(cli.log_format);
     let result = match &cli.command {
         Command::Migrate => commands::migrate(&cli),

@@ -116,10 +116,6 @@ fn negative_durations_are_usage_errors() {
 fn malformed_database_urls_are_one_line_connection_errors() {
     for (url, message) in [
         (
-            "not a url",
-            "error: could not connect to the database: missing \"=\" after \"not\" in connection info string\n",
-        ),
-        (
             "postgres://postgres@127.0.0.1:5432/test?bogus=1",
             "error: could not connect to the database: invalid URI query parameter: \"bogus\"\n",
         ),
@@ -133,6 +129,67 @@ fn malformed_database_urls_are_one_line_connection_errors() {
             (output.status.code(), stderr(&output).as_str()),
             (Some(1), message),
             "{url}"
+        );
+    }
+}
+
+/// What every connection string that is not PostgreSQL's is told.
+const EXPECTED: &str = "expected a postgres:// or postgresql:// URL or a key=value connection string (host=… dbname=…)";
+
+#[test]
+fn connection_strings_postgres_cannot_read_are_usage_errors_before_connecting() {
+    // From the environment, then from the flag (with an unreachable
+    // DATABASE_URL behind it), for a command that connects at once and
+    // for the relay.
+    for (url, reason) in [
+        ("not a url", String::new()),
+        ("localhost:5432", String::new()),
+        ("host=127.0.0.1 port", String::new()),
+        ("host='127.0.0.1", String::new()),
+        (
+            "mysql://root:hunter2@127.0.0.1:3306/app",
+            ", not a mysql:// URL".to_owned(),
+        ),
+        (
+            "POSTGRES://127.0.0.1/app",
+            ", not a POSTGRES:// URL".to_owned(),
+        ),
+    ] {
+        for (args, source) in [
+            (vec!["status"], "DATABASE_URL"),
+            (vec!["--database-url", url, "status"], "--database-url"),
+            (
+                vec!["relay", "--sink", "stdout", "--database-url", url],
+                "--database-url",
+            ),
+        ] {
+            let env = if source == "DATABASE_URL" {
+                url
+            } else {
+                UNREACHABLE
+            };
+            let output = outbox(env, &args);
+            assert_eq!(
+                (output.status.code(), stderr(&output)),
+                (
+                    Some(2),
+                    format!("error: invalid {source}: {EXPECTED}{reason}\n")
+                ),
+                "{url:?} {args:?}"
+            );
+        }
+    }
+    // Both forms libpq reads pass the check and fail only at connecting.
+    for url in [
+        "host=127.0.0.1 port=1 dbname='no where' user=postgres",
+        "postgresql://postgres@127.0.0.1:1/nowhere",
+    ] {
+        let output = outbox(url, &["status"]);
+        assert_eq!(output.status.code(), Some(1), "{url}");
+        assert!(
+            stderr(&output).starts_with("error: could not connect to the database: "),
+            "{url}: {}",
+            stderr(&output)
         );
     }
 }
