@@ -8,7 +8,6 @@
 //! service is a small server the example starts.
 //!
 //! `cargo run --example app --features webhook`
-#![cfg_attr(not(feature = "webhook"), allow(dead_code, unused_imports))]
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -75,7 +74,6 @@ fn migrate(conn: &mut PgConnection) -> Result<(), Box<dyn std::error::Error + Se
 
 // Without the `webhook` feature there is no `WebhookSink`: `main` below says
 // how to run the example instead.
-#[cfg(feature = "webhook")]
 // ANCHOR: relay
 /// Emails go through a typed handler; billing events go to the billing
 /// service as signed webhooks.
@@ -125,12 +123,6 @@ fn billing_service(
     Ok(format!("http://{address}/hooks/outbox"))
 }
 
-#[cfg(not(feature = "webhook"))]
-fn main() {
-    eprintln!("run it with the webhook sink: cargo run --example app --features webhook");
-}
-
-#[cfg(feature = "webhook")]
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // A database with neither the outbox's schema nor the application's.
     let db = pg::empty_db();

@@ -133,3 +133,15 @@ END
 $$;
 COMMENT ON FUNCTION outbox.settle(bigint, bigint[], text[], bigint[], text[]) IS
     'A relay settles a batch: deletes the delivered, reschedules retries, releases untried events, dead-letters the rest (claim_token fenced), then wakes deferred successors of the deleted keyed events, atomically.';
+
+-- At most one event of a key in flight, even when a dead letter of the key
+-- is replayed (with its old, lower id) while a later event of the key is
+-- being delivered: a claim does not take a keyed event while another event
+-- of its key is held under an unexpired lease. Claimed rows are a handful,
+-- so this index is tiny and the check one probe.
+-- (available_at is in the index so that the planner prefers it to a scan
+-- of events_available_at_idx over every future-dated row.)
+CREATE INDEX events_held_key_idx ON outbox.events (key, available_at)
+    WHERE claim_token IS NOT NULL AND key IS NOT NULL;
+COMMENT ON INDEX outbox.events_held_key_idx IS
+    'Keyed events that carry a claim token (in flight, or a dead relay''s until re-claimed): a claim checks that no other event of a key is in flight.';

@@ -206,11 +206,11 @@ impl Worker {
         let mut unreadable = Vec::new();
         for row in claimed.rows {
             match row.into_event() {
-                Ok(event) => events.push(event),
+                (event, None) => events.push(event),
                 // Valid jsonb that serde_json refuses (1e400, very deep
                 // nesting): no sink can be given it, so it dies at once
                 // instead of failing the batch on every claim.
-                Err((reason, event)) => unreadable.push((reason, event)),
+                (event, Some(reason)) => unreadable.push((reason, event)),
             }
         }
         shared.observer.on_claimed(&events);

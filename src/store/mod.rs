@@ -10,6 +10,11 @@ mod prepared;
 mod publish;
 mod queue;
 mod relay;
+// The test bed of the integration tests (a database per test), shared by
+// the in-crate protocol tests below.
+#[cfg(test)]
+#[path = "../../tests/support/pg.rs"]
+mod pg;
 #[cfg(test)]
 mod relay_model_tests;
 #[cfg(test)]

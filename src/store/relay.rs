@@ -81,8 +81,11 @@ pub(crate) struct ClaimedRow {
 ///   scan reads `limit` entries (plus events of topics this relay does not
 ///   route, which it skips).
 /// - Per-key order: a keyed event is taken only when no earlier event of its
-///   key is still queued (pending, held or waiting for a retry); one probe
-///   of `events_key_idx`. A batch therefore holds at most one event per key.
+///   key is still queued (pending, held or waiting for a retry), one probe
+///   of `events_key_idx`, and no other event of its key is in flight (a
+///   replayed dead letter has an older id than the event being delivered),
+///   one probe of the tiny `events_held_key_idx`. So at most one event per
+///   key is in flight, across all relays.
 ///   The others are returned as `blocked`, for [`defer`] to move out of the
 ///   scan's way, so the next claim does not read them again.
 /// - `FOR UPDATE SKIP LOCKED`: concurrent relays take disjoint batches and
@@ -126,10 +129,15 @@ pub(crate) fn claim(
              SELECT nextval('outbox.claim_tokens') AS value
          ), window_ AS (
              SELECT e.id, e.deferred,
-                    (e.key IS NOT NULL AND EXISTS (
-                        SELECT FROM outbox.events earlier
-                         WHERE earlier.key = e.key
-                           AND earlier.id < e.id)) AS blocked
+                    (e.key IS NOT NULL AND (
+                        EXISTS (SELECT FROM outbox.events earlier
+                                 WHERE earlier.key = e.key
+                                   AND earlier.id < e.id)
+                        OR EXISTS (SELECT FROM outbox.events held
+                                    WHERE held.key = e.key
+                                      AND held.claim_token IS NOT NULL
+                                      AND held.available_at > now()
+                                      AND held.id <> e.id))) AS blocked
                FROM outbox.events e
               WHERE e.available_at <= now()
                 AND ($3 OR e.topic = ANY($4) OR e.topic LIKE ANY($5))
@@ -236,8 +244,10 @@ const SET_ASIDE: std::time::Duration = std::time::Duration::from_millis(200);
 ///   (at most [`DEFER_AT_MOST`] ahead) plus [`DEFER_MARGIN`], `deferred`
 ///   set so that the settle wakes it.
 /// - If every earlier event is locked (being claimed or settled right now),
-///   the event is only set aside for [`SET_ASIDE`], not flagged: a settle
-///   need not wake it, and the claims do not meet it again at once.
+///   or the event waits only for a *later* event of its key that is in
+///   flight (it is a replayed dead letter), it is only set aside for
+///   [`SET_ASIDE`], not flagged: no settle needs to wake it, and the claims
+///   do not meet it again at once.
 /// - If no earlier event is left, the event is due and left as it is.
 ///
 /// Returns how many events were moved (deferred or set aside).
@@ -282,6 +292,11 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
                ) earlier ON true
               WHERE EXISTS (SELECT FROM outbox.events any_earlier
                              WHERE any_earlier.key = t.key AND any_earlier.id < t.id)
+                 OR EXISTS (SELECT FROM outbox.events held
+                             WHERE held.key = t.key
+                               AND held.claim_token IS NOT NULL
+                               AND held.available_at > now()
+                               AND held.id <> t.id)
          )
          UPDATE outbox.events e
             SET available_at = CASE
@@ -303,11 +318,18 @@ pub(crate) fn defer(conn: &mut PgConnection, ids: &[i64]) -> QueryResult<usize> 
 }
 
 impl ClaimedRow {
-    /// Parses the row into a [`StoredEvent`]. If it cannot be read, the
-    /// error says why, beside the event as far as it can be told: the
-    /// payload as its raw JSON text (a JSON string), the headers if they
-    /// parse (else none), so that observers still hear of it.
-    pub(crate) fn into_event(self) -> Result<StoredEvent, (String, StoredEvent)> {
+    /// The event id, readable whatever the payload holds.
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> EventId {
+        EventId(self.id)
+    }
+
+    /// Parses the row into a [`StoredEvent`], and says why it cannot be
+    /// delivered if it cannot be read: then the event is as far as it can
+    /// be told (the payload as its raw JSON text, a JSON string; the
+    /// headers if they parse, else none), so that observers still hear of
+    /// it.
+    pub(crate) fn into_event(self) -> (StoredEvent, Option<String>) {
         let payload = serde_json::from_str(&self.payload)
             .map_err(|e| format!("payload is valid jsonb but not readable here: {e}"));
         let headers = serde_json::from_str(&self.headers)
@@ -327,10 +349,7 @@ impl ClaimedRow {
             attempts: self.attempts,
             last_error: self.last_error,
         };
-        match problem {
-            None => Ok(event),
-            Some(reason) => Err((reason, event)),
-        }
+        (event, problem)
     }
 }
 

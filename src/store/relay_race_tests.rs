@@ -3,16 +3,13 @@
 //! scenarios of issue 12, with the crate's own statements). No sleeps: a
 //! step that must wait is observed waiting in `pg_stat_activity`.
 
-#[path = "../../tests/support/pg.rs"]
-#[allow(dead_code)]
-mod pg;
-
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer};
 
+use super::pg;
 use super::relay::{claim, defer, settle, Claimed, TopicFilter, Verdict};
 use crate::event::EventId;
 
@@ -150,7 +147,7 @@ fn dead_lettering_an_unreadable_event_wakes_its_successor_too() {
     // Valid jsonb that serde_json refuses to read.
     let a = publish(&mut observer, "k", "[1e400]");
     let mut held = claim_as(&mut r1, "r1");
-    assert!(held.rows.remove(0).into_event().is_err());
+    assert!(held.rows.remove(0).into_event().1.is_some());
     let b = publish(&mut observer, "k", "{}");
     assert_eq!(claim_as(&mut r2, "r2").blocked, [b]);
     r2.batch_execute("BEGIN").unwrap();
@@ -259,4 +256,45 @@ fn a_defer_after_the_predecessor_is_gone_leaves_the_event_due() {
     settle(&mut r1, held.token, &[(EventId(a), Verdict::Delivered)]).unwrap();
     assert_eq!(defer(&mut r2, &[b]).unwrap(), 0);
     assert_eq!(state(&mut r2, b), (false, true, false));
+}
+
+/// A dead letter of a key replayed (same, lower id) while a later event of
+/// the key is in flight: it must wait, so that at most one event of a key
+/// is in flight, then follow once that event is settled.
+#[test]
+fn a_replayed_dead_letter_waits_while_a_later_event_of_its_key_is_in_flight() {
+    let db = pg::test_db();
+    let (mut r1, mut r2) = (db.conn(), db.conn());
+    let a = publish(&mut r1, "k", "{}");
+    let first = claim_as(&mut r1, "r1");
+    let dead = Verdict::Dead {
+        error: "refused".into(),
+    };
+    settle(&mut r1, first.token, &[(EventId(a), dead)]).unwrap();
+    let b = publish(&mut r1, "k", "{}");
+    let held = claim_as(&mut r1, "r1");
+    assert_eq!(held.rows.len(), 1, "B in flight");
+
+    let replayed = crate::replay_dead_letters(
+        &mut r2,
+        &crate::Selection::Ids(vec![EventId(a)]),
+        10,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(replayed, 1);
+    let second = claim_as(&mut r2, "r2");
+    assert!(second.rows.is_empty(), "A must wait while B is in flight");
+    assert_eq!(second.blocked, [a]);
+    assert_eq!(defer(&mut r2, &[a]).unwrap(), 1, "set aside");
+    assert_eq!(state(&mut r2, a), (false, false, false));
+
+    settle(&mut r1, held.token, &[(EventId(b), Verdict::Delivered)]).unwrap();
+    diesel::sql_query("UPDATE outbox.events SET available_at = now() WHERE id = $1")
+        .bind::<BigInt, _>(a)
+        .execute(&mut r2)
+        .unwrap();
+    let third = claim_as(&mut r2, "r2");
+    assert_eq!(third.rows.len(), 1, "A follows once B is settled");
+    assert!(third.blocked.is_empty());
 }

@@ -1,0 +1,1 @@
+//! A randomized model test of the claim / defer / settle protocol.
