@@ -742,3 +742,60 @@ fn usage_lines_do_not_show_the_database_url_as_required() {
     assert!(help.contains("--database-url <DATABASE_URL>"), "{help}");
     assert!(help.contains("DATABASE_URL environment variable"), "{help}");
 }
+
+#[test]
+fn format_json_or_table_is_accepted_wherever_json_is() {
+    let db = pg::test_db();
+    db.conn()
+        .batch_execute(
+            "INSERT INTO outbox.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               (11, 'email.send', '{}', '{}', '2026-11-28T10:00:00Z', 3, 'permanent failure: HTTP 422', '2026-11-28T11:00:00Z')",
+        )
+        .unwrap();
+    for command in [
+        vec!["status"],
+        vec!["dead-letters", "list"],
+        vec!["dead-letters", "show", "11"],
+    ] {
+        let run = |extra: &[&str]| {
+            let output = outbox(db.url(), &[&command[..], extra].concat());
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{command:?} {extra:?}: {}",
+                stderr(&output)
+            );
+            stdout(&output)
+        };
+        let json = run(&["--json"]);
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+            "{json}"
+        );
+        assert_eq!(run(&["--format", "json"]), json, "{command:?}");
+        assert_eq!(run(&["--format", "table"]), run(&[]), "{command:?}");
+        let both = outbox(
+            db.url(),
+            &[&command[..], &["--json", "--format", "table"]].concat(),
+        );
+        assert_eq!(both.status.code(), Some(2), "{command:?}");
+        let bad = outbox(db.url(), &[&command[..], &["--format", "yaml"]].concat());
+        assert_eq!(bad.status.code(), Some(2), "{command:?}");
+        assert!(
+            stderr(&bad).contains("[possible values: table, json]"),
+            "{}",
+            stderr(&bad)
+        );
+    }
+}
+
+#[test]
+fn the_webhook_timeout_default_shows_in_help() {
+    let help = stdout(&outbox("", &["relay", "--help"]));
+    let timeout = help
+        .split("--timeout <TIMEOUT>")
+        .nth(1)
+        .and_then(|rest| rest.split("\n      --").next())
+        .unwrap_or_else(|| panic!("no --timeout in {help}"));
+    assert!(timeout.contains("[default: 10s]"), "{timeout}");
+}

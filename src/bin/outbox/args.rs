@@ -1,5 +1,6 @@
 //! The command line: names and flags are a contract (docs/cli.md).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
@@ -59,13 +60,35 @@ pub enum Command {
     Relay(Box<Relay>),
     /// Show the queue: pending, due, scheduled, in flight, retrying, dead.
     Status {
-        /// Print JSON (fields documented in docs/cli.md).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: Output,
     },
     /// List, show, replay and purge dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+}
+
+/// How a command prints what it read: `--json` or `--format json|table`.
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Print JSON (fields documented in docs/cli.md); same as --format json.
+    #[arg(long)]
+    json: bool,
+    /// Print a table for people or JSON for programs.
+    #[arg(long, value_enum, default_value_t = Format::Table, conflicts_with = "json")]
+    format: Format,
+}
+
+impl Output {
+    pub fn json(&self) -> bool {
+        self.json || self.format == Format::Json
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -162,8 +185,8 @@ pub struct Relay {
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
     /// webhook: the request timeout.
-    #[arg(long, value_parser = parse_positive_duration)]
-    pub timeout: Option<Duration>,
+    #[arg(long, value_parser = parse_positive_duration, default_value = WEBHOOK_TIMEOUT.as_str())]
+    pub timeout: Duration,
 
     /// nats: the server URL.
     #[arg(long, required_if_eq("sink", "nats"))]
@@ -200,17 +223,15 @@ pub enum DeadLetters {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: Output,
     },
     /// Show one dead letter in full, payload and headers included.
     Show {
         /// The event id.
         id: i64,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: Output,
     },
     /// Put dead letters back into the queue with the same id.
     Replay {
@@ -258,6 +279,10 @@ pub struct WhichPurge {
     #[arg(long)]
     pub all: bool,
 }
+
+/// `--timeout`'s default as `--help` shows it: the webhook sink's own.
+static WEBHOOK_TIMEOUT: LazyLock<String> =
+    LazyLock::new(|| humantime::format_duration(outbox::WebhookSink::DEFAULT_TIMEOUT).to_string());
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 500ms, 30s, 2h)"))

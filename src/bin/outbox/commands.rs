@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Read, Write};
 
 use diesel::{Connection, PgConnection};
 
-use crate::args::{Cli, DeadLetters, Publish, Which, WhichPurge};
+use crate::args::{Cli, DeadLetters, Output, Publish, Which, WhichPurge};
 use crate::{conninfo, table};
 
 pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
@@ -80,9 +80,9 @@ pub fn publish(cli: &Cli, args: &Publish) -> Result {
     Ok(())
 }
 
-pub fn status(cli: &Cli, json: bool) -> Result {
+pub fn status(cli: &Cli, output: &Output) -> Result {
     let status = outbox::status(&mut connect(cli)?)?;
-    if json {
+    if output.json() {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
@@ -127,14 +127,14 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
             topic,
             since,
             limit,
-            json,
+            output,
         } => {
             let since = since
                 .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() - d))
                 .transpose()
                 .map_err(|_| Usage("--since is too long".into()))?;
             let list = outbox::dead_letters(&mut connect(cli)?, topic.as_deref(), since, *limit)?;
-            if *json {
+            if output.json() {
                 let rows: Vec<_> = list
                     .iter()
                     .map(|d| {
@@ -166,10 +166,10 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
             );
             Ok(())
         }
-        DeadLetters::Show { id, json } => {
+        DeadLetters::Show { id, output } => {
             let dead = outbox::dead_letter(&mut connect(cli)?, outbox::EventId(*id))?
                 .ok_or_else(|| format!("no dead letter with id {id}"))?;
-            if *json {
+            if output.json() {
                 println!("{}", serde_json::to_string_pretty(&dead)?);
             } else {
                 println!("id:          {}", dead.id);

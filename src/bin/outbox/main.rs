@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Migrate => commands::migrate(&cli),
         Command::Publish(publish) => commands::publish(&cli, publish),
-        Command::Status { json } => commands::status(&cli, *json),
+        Command::Status { output } => commands::status(&cli, output),
         Command::DeadLetters(dead) => commands::dead_letters(&cli, dead),
         Command::Relay(relay) => relay::run(&cli, relay),
     };

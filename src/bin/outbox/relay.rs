@@ -49,10 +49,7 @@ fn build_sink(args: &Relay) -> Result<Arc<dyn Sink>> {
             for (name, value) in &args.headers {
                 builder = builder.header(name, value);
             }
-            if let Some(timeout) = args.timeout {
-                builder = builder.timeout(timeout);
-            }
-            Arc::new(builder.build()?)
+            Arc::new(builder.timeout(args.timeout).build()?)
         }
         SinkKind::Nats => Arc::new(
             outbox::NatsSink::builder(
