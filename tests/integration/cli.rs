@@ -799,3 +799,66 @@ fn the_webhook_timeout_default_shows_in_help() {
         .unwrap_or_else(|| panic!("no --timeout in {help}"));
     assert!(timeout.contains("[default: 10s]"), "{timeout}");
 }
+
+/// Runs the binary against `db_url` with its standard output on
+/// `/dev/full`, where every write fails with ENOSPC.
+#[cfg(target_os = "linux")]
+fn outbox_to_a_full_disk(db_url: &str, args: &[&str]) -> Output {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_standard_output_is_one_error_line_for_every_command() {
+    const FULL: &str =
+        "error: cannot write to standard output: No space left on device (os error 28)\n";
+    let db = pg::test_db();
+    db.conn()
+        .batch_execute(
+            "INSERT INTO outbox.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               (11, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now()),
+               (12, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now())",
+        )
+        .unwrap();
+    for args in [
+        vec!["migrate"],
+        vec!["publish", "--topic", "order.approved", "--payload", "{}"],
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["dead-letters", "list"],
+        vec!["dead-letters", "list", "--json"],
+        vec!["dead-letters", "show", "11"],
+        vec!["dead-letters", "show", "11", "--json"],
+        vec!["dead-letters", "replay", "--all", "--dry-run"],
+        vec!["dead-letters", "replay", "11"],
+        vec!["dead-letters", "purge", "12", "--yes"],
+        vec!["--help"],
+        vec!["help", "status"],
+        vec!["--version"],
+    ] {
+        let output = outbox_to_a_full_disk(db.url(), &args);
+        assert_eq!(
+            (output.status.code(), stderr(&output).as_str()),
+            (Some(1), FULL),
+            "{args:?}"
+        );
+    }
+    // The event published and the one replayed are queued all the same.
+    let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(
+        queued.iter().map(|e| e.id.get()).collect::<Vec<_>>(),
+        [1, 11]
+    );
+}

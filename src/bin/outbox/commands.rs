@@ -8,6 +8,7 @@ use std::io::{IsTerminal, Read, Write};
 use diesel::{Connection, PgConnection};
 
 use crate::args::{Cli, DeadLetters, Output, Publish, Which, WhichPurge};
+use crate::stdout::stdout;
 use crate::{conninfo, table};
 
 pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
@@ -46,9 +47,9 @@ pub fn connect(cli: &Cli) -> Result<PgConnection> {
 pub fn migrate(cli: &Cli) -> Result {
     let applied = outbox::migrate(&mut connect(cli)?)?;
     if applied == 0 {
-        println!("schema up to date");
+        writeln!(stdout(), "schema up to date")?;
     } else {
-        println!("applied {applied} migration(s)");
+        writeln!(stdout(), "applied {applied} migration(s)")?;
     }
     Ok(())
 }
@@ -76,14 +77,15 @@ pub fn publish(cli: &Cli, args: &Publish) -> Result {
     let mut conn = connect(cli)?;
     let id = outbox::transaction(&mut conn, |tx| tx.publish_event(event))
         .map_err(outbox::Error::from)?;
-    println!("{id}");
+    writeln!(stdout(), "{id}")?;
     Ok(())
 }
 
 pub fn status(cli: &Cli, output: &Output) -> Result {
     let status = outbox::status(&mut connect(cli)?)?;
+    let mut out = stdout();
     if output.json() {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
         return Ok(());
     }
     let row = |name: &str, c: &outbox::QueueCounts| {
@@ -106,6 +108,7 @@ pub fn status(cli: &Cli, output: &Output) -> Result {
         .collect();
     rows.push(row("TOTAL", &status.total));
     table::print(
+        &mut out,
         &[
             "TOPIC",
             "PENDING",
@@ -117,7 +120,7 @@ pub fn status(cli: &Cli, output: &Output) -> Result {
             "OLDEST_AGE_S",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -134,6 +137,7 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                 .transpose()
                 .map_err(|_| Usage("--since is too long".into()))?;
             let list = outbox::dead_letters(&mut connect(cli)?, topic.as_deref(), since, *limit)?;
+            let mut out = stdout();
             if output.json() {
                 let rows: Vec<_> = list
                     .iter()
@@ -144,7 +148,7 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = list
@@ -161,27 +165,32 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                 })
                 .collect();
             table::print(
+                &mut out,
                 &["ID", "TOPIC", "KEY", "ATTEMPTS", "FAILED_AT", "LAST_ERROR"],
                 &rows,
-            );
+            )?;
             Ok(())
         }
         DeadLetters::Show { id, output } => {
             let dead = outbox::dead_letter(&mut connect(cli)?, outbox::EventId(*id))?
                 .ok_or_else(|| format!("no dead letter with id {id}"))?;
+            let mut out = stdout();
             if output.json() {
-                println!("{}", serde_json::to_string_pretty(&dead)?);
-            } else {
-                println!("id:          {}", dead.id);
-                println!("topic:       {}", dead.topic);
-                println!("key:         {}", dead.key.as_deref().unwrap_or("-"));
-                println!("created_at:  {}", dead.created_at.to_rfc3339());
-                println!("failed_at:   {}", dead.failed_at.to_rfc3339());
-                println!("attempts:    {}", dead.attempts);
-                println!("last_error:  {}", dead.last_error);
-                println!("headers:     {}", serde_json::to_string(&dead.headers)?);
-                println!("payload:\n{}", serde_json::to_string_pretty(&dead.payload)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&dead)?)?;
+                return Ok(());
             }
+            let key = dead.key.as_deref().unwrap_or("-");
+            writeln!(out, "id:          {}", dead.id)?;
+            writeln!(out, "topic:       {}", dead.topic)?;
+            writeln!(out, "key:         {key}")?;
+            writeln!(out, "created_at:  {}", dead.created_at.to_rfc3339())?;
+            writeln!(out, "failed_at:   {}", dead.failed_at.to_rfc3339())?;
+            writeln!(out, "attempts:    {}", dead.attempts)?;
+            writeln!(out, "last_error:  {}", dead.last_error)?;
+            let headers = serde_json::to_string(&dead.headers)?;
+            writeln!(out, "headers:     {headers}")?;
+            let payload = serde_json::to_string_pretty(&dead.payload)?;
+            writeln!(out, "payload:\n{payload}")?;
             Ok(())
         }
         DeadLetters::Replay { which, dry_run } => {
@@ -189,20 +198,20 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
             let mut conn = connect(cli)?;
             let total = outbox::count_dead_letters(&mut conn, &selection)?;
             if *dry_run {
-                println!("would replay {total} dead letter(s)");
+                writeln!(stdout(), "would replay {total} dead letter(s)")?;
                 return Ok(());
             }
             let terminal = std::io::stderr().is_terminal() && total > 1000;
             let replayed = outbox::replay_dead_letters(&mut conn, &selection, 1000, |done| {
                 if terminal {
-                    eprint!("\rreplayed {done}/{total}");
+                    let _ = write!(std::io::stderr(), "\rreplayed {done}/{total}");
                     let _ = std::io::stderr().flush();
                 }
             })?;
             if terminal {
-                eprintln!();
+                let _ = writeln!(std::io::stderr());
             }
-            println!("replayed {replayed} dead letter(s)");
+            writeln!(stdout(), "replayed {replayed} dead letter(s)")?;
             Ok(())
         }
         DeadLetters::Purge { which, yes } => {
@@ -216,17 +225,20 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                     ))
                     .into());
                 }
-                eprint!("Delete {total} dead letter(s) for good? [y/N] ");
+                let _ = write!(
+                    std::io::stderr(),
+                    "Delete {total} dead letter(s) for good? [y/N] "
+                );
                 let _ = std::io::stderr().flush();
                 let mut answer = String::new();
                 std::io::stdin().read_line(&mut answer)?;
                 if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    println!("nothing purged");
+                    writeln!(stdout(), "nothing purged")?;
                     return Ok(());
                 }
             }
             let purged = outbox::purge_dead_letters(&mut conn, &selection)?;
-            println!("purged {purged} dead letter(s)");
+            writeln!(stdout(), "purged {purged} dead letter(s)")?;
             Ok(())
         }
     }

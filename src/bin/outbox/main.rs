@@ -7,6 +7,7 @@ mod args;
 mod commands;
 mod conninfo;
 mod relay;
+mod stdout;
 mod table;
 
 use std::io::Write;
@@ -17,8 +18,10 @@ use clap::Parser;
 use args::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    // Usage errors exit with 2 (clap's convention).
-    let cli = Cli::parse().with_environment();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli.with_environment(),
+        Err(usage) => return clap_exit(&usage),
+    };
     init_logging(cli.log_format);
     let result = match &cli.command {
         Command::Migrate => commands::migrate(&cli),
@@ -26,7 +29,8 @@ fn main() -> ExitCode {
         Command::Status { output } => commands::status(&cli, output),
         Command::DeadLetters(dead) => commands::dead_letters(&cli, dead),
         Command::Relay(relay) => relay::run(&cli, relay),
-    };
+    }
+    .and_then(|()| Ok(stdout::stdout().flush()?));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -46,6 +50,20 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// What clap's `exit()` does (usage errors exit 2, help and version 0),
+/// except that help or version text that cannot be written to standard
+/// output is the same failure as any command's.
+fn clap_exit(error: &clap::Error) -> ExitCode {
+    match error.print() {
+        Err(failure) if !error.use_stderr() => {
+            let failure = stdout::failed(failure);
+            let _ = writeln!(std::io::stderr(), "error: {failure}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2)),
     }
 }
 
