@@ -844,6 +844,7 @@ fn a_full_standard_output_is_one_error_line_for_every_command() {
         vec!["dead-letters", "replay", "--all", "--dry-run"],
         vec!["dead-letters", "replay", "11"],
         vec!["dead-letters", "purge", "12", "--yes"],
+        vec!["relay", "--sink", "stdout", "--drain"],
         vec!["--help"],
         vec!["help", "status"],
         vec!["--version"],
@@ -855,10 +856,93 @@ fn a_full_standard_output_is_one_error_line_for_every_command() {
             "{args:?}"
         );
     }
-    // The event published and the one replayed are queued all the same.
+    // The relay stopped at the first failed write; both events (the one
+    // published and the one replayed) are still queued, none was lost.
     let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
     assert_eq!(
         queued.iter().map(|e| e.id.get()).collect::<Vec<_>>(),
         [1, 11]
+    );
+}
+
+#[test]
+fn a_drain_exits_once_nothing_routed_is_due_or_in_flight_however_long_the_poll_interval() {
+    let db = pg::test_db();
+    for n in 1..=3 {
+        outbox(
+            db.url(),
+            &[
+                "publish",
+                "--topic",
+                "order.approved",
+                "--payload",
+                &format!(r#"{{"n": {n}}}"#),
+            ],
+        );
+    }
+    for topic in ["order.later", "billing.paid"] {
+        outbox(
+            db.url(),
+            &[
+                "publish",
+                "--topic",
+                topic,
+                "--delay",
+                "2h",
+                "--payload",
+                "{}",
+            ],
+        );
+    }
+    let relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "relay",
+            "--sink",
+            "stdout",
+            "--drain",
+            "--poll-interval",
+            "1m30s",
+            "--topic",
+            "order.*",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = relay.id();
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = done_tx.send(relay.wait_with_output().unwrap());
+    });
+    // Before the fix the drain waited a whole poll interval (90 s).
+    let output = done.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("the drain did not exit within {PATIENCE:?}")
+    });
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let mut delivered: Vec<i64> = stdout(&output)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    delivered.sort_unstable();
+    assert_eq!(delivered, [1, 2, 3]);
+    assert!(
+        stderr(&output).ends_with(
+            "drained: delivered 3, retried 0, dead-lettered 0; 1 still pending (not due yet)\n"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
+    assert_eq!(
+        queued.iter().map(|e| e.id.get()).collect::<Vec<_>>(),
+        [4, 5]
     );
 }

@@ -5,16 +5,27 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::PgConnection;
 use outbox::{DeliveryError, Sink, StoredEvent, TopicPattern};
 
 use crate::args::{Cli, Relay, SinkKind};
 use crate::commands::{connect, database_url, Result, Usage};
+use crate::stdout::stdout;
+
+/// How often `--drain` looks whether anything routed is still due or in
+/// flight, whatever `--poll-interval` says (stretched on a large backlog:
+/// see [`run`]).
+const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
 /// Writes each event as one JSON object per line on stdout, flushed; an
-/// event counts as delivered once written.
-struct StdoutSink;
+/// event counts as delivered once written. A failed write fails the
+/// delivery (transient: the event stays queued) and stops the relay: a
+/// full disk or a reader that went away will not come back by retrying.
+struct StdoutSink {
+    broken: Sender<std::io::Error>,
+}
 
 impl Sink for StdoutSink {
     fn deliver(&self, event: &StoredEvent) -> std::result::Result<(), DeliveryError> {
@@ -27,19 +38,26 @@ impl Sink for StdoutSink {
             "created_at": event.created_at,
             "attempt": event.attempts,
         });
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, &line)
+        let mut text = serde_json::to_vec(&line)
             .map_err(|e| DeliveryError::transient(format!("stdout: {e}")))?;
-        out.write_all(b"\n")?;
-        out.flush()?;
-        Ok(())
+        text.push(b'\n');
+        let mut out = stdout();
+        out.write_all(&text)
+            .and_then(|()| out.flush())
+            .map_err(|e| {
+                let error = DeliveryError::transient(&e);
+                let _ = self.broken.try_send(e);
+                error
+            })
     }
 }
 
-fn build_sink(args: &Relay) -> Result<Arc<dyn Sink>> {
+fn build_sink(args: &Relay, broken: &Sender<std::io::Error>) -> Result<Arc<dyn Sink>> {
     let missing = |flag: &str| Usage(format!("--sink {:?} needs {flag}", args.sink));
     Ok(match args.sink {
-        SinkKind::Stdout => Arc::new(StdoutSink),
+        SinkKind::Stdout => Arc::new(StdoutSink {
+            broken: broken.clone(),
+        }),
         SinkKind::Webhook => {
             let mut builder =
                 outbox::WebhookSink::builder(args.url.clone().ok_or_else(|| missing("--url"))?);
@@ -152,7 +170,9 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .iter()
         .map(|p| TopicPattern::parse(p))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let sink = build_sink(args)?;
+    // Kept open until the end, whichever the sink: `watch` waits on it.
+    let (broken_tx, broken) = crossbeam_channel::bounded(1);
+    let sink = build_sink(args, &broken_tx)?;
     let (lease, backoff) = timing(args)?;
     // Fail fast, with one line, on a database that is unreachable or not
     // migrated, instead of starting workers that would retry forever.
@@ -201,16 +221,76 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         }
     }
     record_gauges(&initial);
-    let started = Instant::now();
-    let mut last = initial;
+    let outcome = watch(cli, args, &patterns, conn, &stop, &broken);
+    let stats = relay.stats();
+    relay.shutdown(Duration::from_secs(30))?;
+    // A write that failed while the queue was last read is reported even
+    // if the drain had finished by then.
+    let left = outcome?;
+    if let Ok(error) = broken.try_recv() {
+        return Err(error.into());
+    }
+    if let Some(left) = left {
+        let _ = writeln!(
+            std::io::stderr(),
+            "drained: delivered {}, retried {}, dead-lettered {}; {left} still pending (not due yet)",
+            stats.delivered,
+            stats.retried,
+            stats.dead_lettered
+        );
+    }
+    Ok(())
+}
+
+/// Reads the queue while the relay runs: the gauges every poll interval,
+/// and with `--drain` every [`DRAIN_CHECK`] until nothing routed is due or
+/// in flight. Returns at a signal (`None`), at the drain's end (the routed
+/// events left, all scheduled for later) or when stdout broke (the error).
+///
+/// An event due when the drain starts counts as due until a worker claims
+/// it, and as in flight until it is settled, all in one snapshot: the drain
+/// cannot end before the relay has had its chance at everything due.
+fn watch(
+    cli: &Cli,
+    args: &Relay,
+    patterns: &[TopicPattern],
+    mut conn: PgConnection,
+    stop: &Receiver<()>,
+    broken: &Receiver<std::io::Error>,
+) -> Result<Option<i64>> {
+    let routed = |status: &outbox::Status| -> (i64, i64) {
+        status
+            .topics
+            .iter()
+            .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)))
+            .fold((0, 0), |(busy, pending), t| {
+                let c = &t.counts;
+                (busy + c.due_now + c.in_flight, pending + c.pending)
+            })
+    };
+    let mut took = Duration::ZERO;
     loop {
-        if crossbeam_channel::select! {
-            recv(stop) -> _ => true,
-            default(args.poll_interval) => false,
-        } {
-            tracing::info!("signal received; shutting down");
-            break;
+        // The status query reads the whole queue: on a large backlog the
+        // drain looks less often, so that it never takes over a fifth of
+        // the database's time for itself.
+        let wait = if args.drain {
+            DRAIN_CHECK.max(took * 4)
+        } else {
+            args.poll_interval
+        };
+        crossbeam_channel::select! {
+            recv(stop) -> _ => {
+                tracing::info!("signal received; shutting down");
+                return Ok(None);
+            }
+            recv(broken) -> error => {
+                if let Ok(error) = error {
+                    return Err(error.into());
+                }
+            }
+            default(wait) => {}
         }
+        let asked = Instant::now();
         let status = match outbox::status(&mut conn) {
             Ok(status) => status,
             Err(error) => {
@@ -221,38 +301,14 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
                 continue;
             }
         };
+        took = asked.elapsed();
         record_gauges(&status);
         if args.drain {
-            let routed = status
-                .topics
-                .iter()
-                .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)));
-            let left: i64 = routed.map(|t| t.counts.due_now + t.counts.in_flight).sum();
-            if left == 0 && started.elapsed() > args.poll_interval {
-                last = status;
-                break;
+            if let (0, left) = routed(&status) {
+                return Ok(Some(left));
             }
         }
-        last = status;
     }
-    let stats = relay.stats();
-    relay.shutdown(Duration::from_secs(30))?;
-    if args.drain {
-        let waiting: i64 = last
-            .topics
-            .iter()
-            .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)))
-            .map(|t| t.counts.pending)
-            .sum();
-        let _ = writeln!(
-            std::io::stderr(),
-            "drained: delivered {}, retried {}, dead-lettered {}; {waiting} still pending (not due yet)",
-            stats.delivered,
-            stats.retried,
-            stats.dead_lettered
-        );
-    }
-    Ok(())
 }
 
 fn record_gauges(status: &outbox::Status) {
