@@ -53,6 +53,9 @@ pub struct QueueCounts {
     pub dead_letters: i64,
     /// Age in seconds of the oldest pending event; `None` when none is.
     pub oldest_pending_age_seconds: Option<f64>,
+    /// Seconds until the next scheduled event (delayed, or backing off)
+    /// comes due; `None` when none is scheduled.
+    pub next_scheduled_in_seconds: Option<f64>,
 }
 
 /// The state of the queue now. Reads the whole `outbox.events` table once
@@ -79,6 +82,7 @@ pub fn status(conn: &mut PgConnection) -> Result<Status> {
             retrying: row.retrying,
             dead_letters: row.dead_letters,
             oldest_pending_age_seconds: row.oldest_age_seconds,
+            next_scheduled_in_seconds: row.next_scheduled_in_seconds,
         };
         let total = &mut status.total;
         total.pending += counts.pending;
@@ -92,6 +96,13 @@ pub fn status(conn: &mut PgConnection) -> Result<Status> {
             counts.oldest_pending_age_seconds,
         ) {
             (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        total.next_scheduled_in_seconds = match (
+            total.next_scheduled_in_seconds,
+            counts.next_scheduled_in_seconds,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         status.topics.push(TopicStatus {

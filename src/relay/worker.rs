@@ -302,7 +302,11 @@ impl Worker {
                 error: format!("permanent failure: {}", error.message()),
             },
             _ if attempts >= config.max_attempts => Verdict::Dead {
-                error: format!("gave up after {attempts} attempts: {}", error.message()),
+                error: format!(
+                    "gave up after {attempts} attempt{}: {}",
+                    if attempts == 1 { "" } else { "s" },
+                    error.message()
+                ),
             },
             DeliveryErrorKind::RetryAfter(delay) => Verdict::Retry {
                 delay: delay.min(config.backoff.cap()),

@@ -28,6 +28,8 @@ pub(crate) struct StatusRow {
     pub(crate) dead_letters: i64,
     #[diesel(sql_type = Nullable<Double>)]
     pub(crate) oldest_age_seconds: Option<f64>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Double>)]
+    pub(crate) next_scheduled_in_seconds: Option<f64>,
 }
 
 /// Per-topic counts of the queue and the dead letters. One sequential read
@@ -41,7 +43,10 @@ pub(crate) fn status_by_topic(conn: &mut PgConnection) -> QueryResult<Vec<Status
                     count(*) FILTER (WHERE available_at > now() AND claim_token IS NULL) AS scheduled,
                     count(*) FILTER (WHERE available_at > now() AND claim_token IS NOT NULL) AS in_flight,
                     count(*) FILTER (WHERE attempts > 0 AND (claim_token IS NULL OR available_at <= now())) AS retrying,
-                    extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
+                    extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
+                    extract(epoch FROM min(available_at) FILTER (
+                        WHERE available_at > now() AND claim_token IS NULL) - now())::float8
+                        AS next_scheduled_in_seconds
                FROM outbox.events
               GROUP BY topic
          ), dead AS (
@@ -54,7 +59,8 @@ pub(crate) fn status_by_topic(conn: &mut PgConnection) -> QueryResult<Vec<Status
                 coalesce(q.in_flight, 0) AS in_flight,
                 coalesce(q.retrying, 0) AS retrying,
                 coalesce(d.dead_letters, 0) AS dead_letters,
-                q.oldest_age_seconds
+                q.oldest_age_seconds,
+                q.next_scheduled_in_seconds
            FROM queue q
            FULL JOIN dead d ON d.topic = q.topic
           ORDER BY 1",

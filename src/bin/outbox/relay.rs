@@ -231,15 +231,31 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         return Err(error.into());
     }
     if let Some(left) = left {
+        let next = match left.next_in {
+            Some(seconds) => format!(
+                ", the next due in {}",
+                humantime::format_duration(Duration::from_secs(seconds.max(0.0).ceil() as u64))
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             std::io::stderr(),
-            "drained: delivered {}, retried {}, dead-lettered {}; {left} still pending (not due yet)",
+            "drained: delivered {}, retried {}, dead-lettered {}; {} still pending (not due yet{next})",
             stats.delivered,
             stats.retried,
-            stats.dead_lettered
+            stats.dead_lettered,
+            left.pending,
         );
     }
     Ok(())
+}
+
+/// What a drain leaves behind: routed events not due yet, and how soon the
+/// first of them comes due.
+#[derive(Clone, Copy, Debug, Default)]
+struct Scheduled {
+    pending: i64,
+    next_in: Option<f64>,
 }
 
 /// Reads the queue while the relay runs: the gauges every poll interval,
@@ -257,15 +273,23 @@ fn watch(
     mut conn: PgConnection,
     stop: &Receiver<()>,
     broken: &Receiver<std::io::Error>,
-) -> Result<Option<i64>> {
-    let routed = |status: &outbox::Status| -> (i64, i64) {
+) -> Result<Option<Scheduled>> {
+    let routed = |status: &outbox::Status| -> (i64, Scheduled) {
         status
             .topics
             .iter()
             .filter(|t| patterns.iter().any(|p| p.matches(&t.topic)))
-            .fold((0, 0), |(busy, pending), t| {
+            .fold((0, Scheduled::default()), |(busy, left), t| {
                 let c = &t.counts;
-                (busy + c.due_now + c.in_flight, pending + c.pending)
+                let next_in = match (left.next_in, c.next_scheduled_in_seconds) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let left = Scheduled {
+                    pending: left.pending + c.pending,
+                    next_in,
+                };
+                (busy + c.due_now + c.in_flight, left)
             })
     };
     let mut took = Duration::ZERO;
