@@ -208,6 +208,30 @@ fn the_last_failed_attempt_moves_the_event_to_the_dead_letters() {
 }
 
 #[test]
+fn a_single_attempt_is_reported_in_the_singular() {
+    let bed = setup();
+    let relay = bed
+        .relay()
+        .max_attempts(1)
+        .route("*", |_: &StoredEvent| Err(DeliveryError::transient("boom")))
+        .start()
+        .unwrap();
+    let ids = bed.publish(&[("email.send", None)]);
+    bed.signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(
+        dead_letters(&mut bed.conn()),
+        [(
+            ids[0].get(),
+            "email.send".to_owned(),
+            1,
+            "gave up after 1 attempt: boom".to_owned()
+        )]
+    );
+}
+
+#[test]
 fn a_dead_letter_keeps_the_event_exactly_as_published() {
     let bed = setup();
     let relay = bed
