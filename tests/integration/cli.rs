@@ -645,6 +645,7 @@ fn the_relay_serves_prometheus_metrics() {
         "{body}"
     );
     assert!(body.contains("outbox_delivery_latency_seconds"), "{body}");
+    assert!(body.contains("outbox_stranded_rescued_total 0"), "{body}");
 }
 
 #[test]

@@ -161,6 +161,9 @@ impl outbox::Observer for Metrics {
     fn on_error(&self, _: &outbox::Error) {
         metrics::counter!("outbox_relay_errors_total").increment(1);
     }
+    fn on_stranded_rescued(&self, events: &[outbox::EventId]) {
+        metrics::counter!("outbox_stranded_rescued_total").increment(events.len() as u64);
+    }
 }
 
 pub fn run(cli: &Cli, args: &Relay) -> Result {
@@ -211,6 +214,7 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
     // Every series exists from the first scrape, so alerts on increase()
     // see the first dead letter too.
     metrics::counter!("outbox_relay_errors_total").increment(0);
+    metrics::counter!("outbox_stranded_rescued_total").increment(0);
     for topic in &initial.topics {
         for name in [
             "outbox_delivered_total",
