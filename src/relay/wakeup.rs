@@ -160,7 +160,7 @@ impl Schedule {
     /// claim's snapshot, so the claim saw it.
     pub(crate) fn claimed(&self, sent: Instant, next: Option<Instant>) {
         let mut times = self.times.lock().unwrap_or_else(PoisonError::into_inner);
-        *times = times.split_off(&sent);
+        times.retain(|at| *at > sent);
         if let Some(next) = next {
             times.insert(next);
             if times.len() > Self::CAPACITY {
