@@ -17,8 +17,14 @@
 -- workload pays no extra write per event.
 CREATE FUNCTION outbox.wake_deferred_successors(done_ids bigint[], done_keys text[])
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: a PL/pgSQL statement keeps its plan for the
+    -- session, a SQL function's is made again on every call.
+    IF done_ids IS NULL THEN
+        RETURN;
+    END IF;
     UPDATE outbox.events e
        SET available_at = now(),
            deferred = false
@@ -27,7 +33,8 @@ AS $$
        AND e.id = (SELECT min(next.id) FROM outbox.events next
                     WHERE next.key = done.key AND next.id > done.id
                       AND next.deferred)
-       AND e.deferred
+       AND e.deferred;
+END
 $$;
 COMMENT ON FUNCTION outbox.wake_deferred_successors(bigint[], text[]) IS
     'Makes the first deferred event after each (id, key) due now. Called by the settle functions after their delete, in the same transaction.';
@@ -40,6 +47,7 @@ RETURNS SETOF bigint
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    deleted bigint[];
     done_ids bigint[];
     done_keys text[];
 BEGIN
@@ -48,11 +56,15 @@ BEGIN
          WHERE id = ANY(ids) AND claim_token = token
      RETURNING id, key
     )
-    SELECT array_agg(id), array_agg(key) INTO done_ids, done_keys FROM delivered;
+    SELECT array_agg(id),
+           array_agg(id) FILTER (WHERE key IS NOT NULL),
+           array_agg(key) FILTER (WHERE key IS NOT NULL)
+      INTO deleted, done_ids, done_keys
+      FROM delivered;
     -- A new statement, so a new snapshot: it sees every deferral the
     -- DELETE waited for.
     PERFORM outbox.wake_deferred_successors(done_ids, done_keys);
-    RETURN QUERY SELECT unnest(done_ids);
+    RETURN QUERY SELECT unnest(deleted);
 END
 $$;
 COMMENT ON FUNCTION outbox.settle_delivered(bigint, bigint[]) IS
