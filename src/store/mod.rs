@@ -4,12 +4,12 @@
 //! relies on and which locks it takes.
 
 mod admin;
+mod claim;
 pub(crate) mod maintenance;
 mod migrations;
 mod prepared;
 mod publish;
 mod queue;
-mod relay;
 // The test bed of the integration tests (a database per test), shared by
 // the in-crate protocol tests below.
 #[cfg(test)]
@@ -19,6 +19,7 @@ mod pg;
 mod relay_model_tests;
 #[cfg(test)]
 mod relay_race_tests;
+mod settle;
 pub(crate) mod wakeup;
 
 use std::io::Write;
@@ -34,12 +35,13 @@ pub(crate) use admin::{
     count_dead_letters, get_dead_letter, list_dead_letters, purge_dead_letters,
     replay_dead_letters, status_by_topic, DeadLetterRow,
 };
+pub(crate) use claim::{claim, defer, TopicFilter};
 pub(crate) use migrations::{
     applied_migrations, create_schema, lock_migrations, search_path, set_local_search_path,
 };
 pub(crate) use publish::{insert_event, insert_events};
 pub(crate) use queue::queued_events;
-pub(crate) use relay::{claim, defer, extend_lease, settle, TopicFilter, Verdict};
+pub(crate) use settle::{extend_lease, settle, Verdict};
 
 pub(crate) mod schema {
     diesel::table! {

@@ -68,3 +68,8 @@ impl<Id, B> Query for Prepared<Id, B> {
 }
 
 impl<Id, B, Conn> RunQueryDsl<Conn> for Prepared<Id, B> {}
+
+/// The error for a statement asked for a parameter it does not have.
+pub(super) fn unknown_parameter(n: usize) -> diesel::result::Error {
+    diesel::result::Error::QueryBuilderError(format!("statement has no parameter ${n}").into())
+}

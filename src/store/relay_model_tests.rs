@@ -31,8 +31,9 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 
+use super::claim::{claim, defer, TopicFilter};
 use super::pg;
-use super::relay::{claim, defer, extend_lease, settle, TopicFilter, Verdict};
+use super::settle::{extend_lease, settle, Verdict};
 use crate::event::EventId;
 
 /// The seeds every test run checks; `OUTBOX_MODEL_SEED` replaces them.

@@ -9,8 +9,9 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer};
 
+use super::claim::{claim, defer, Claimed, TopicFilter};
 use super::pg;
-use super::relay::{claim, defer, settle, Claimed, TopicFilter, Verdict};
+use super::settle::{settle, Verdict};
 use crate::event::EventId;
 
 const LEASE: Duration = Duration::from_secs(30);
