@@ -100,6 +100,23 @@ fn until_waiting_for_a_lock(observer: &mut PgConnection, pid: i32) {
     }
 }
 
+/// Settles one event on `settler` in a thread of its own, waits until that
+/// settle is seen waiting for a lock, then commits the transaction open on
+/// `holder` (which holds it) and returns what the settle settled.
+fn settle_behind(
+    mut settler: PgConnection,
+    token: i64,
+    verdict: (EventId, Verdict),
+    holder: &mut PgConnection,
+    observer: &mut PgConnection,
+) -> Vec<EventId> {
+    let pid = backend_pid(&mut settler);
+    let settling = std::thread::spawn(move || settle(&mut settler, token, &[verdict]).unwrap());
+    until_waiting_for_a_lock(observer, pid);
+    holder.batch_execute("COMMIT").unwrap();
+    settling.join().unwrap()
+}
+
 /// Scenario 1 (and 1b): the settle's DELETE waits for a deferral's
 /// `FOR KEY SHARE` on the deleted event, so its snapshot cannot show the
 /// deferral. The settle must still wake the successor, in its own
@@ -121,15 +138,8 @@ fn a_settle_that_waited_for_a_deferral_still_wakes_the_successor() {
     assert_eq!(defer(&mut r2, &[b]).unwrap(), 1);
 
     // R1 settles A; its DELETE waits for R2.
-    let settler_pid = backend_pid(&mut r1);
-    let token = held.token;
-    let settler = std::thread::spawn(move || {
-        let settled = settle(&mut r1, token, &[(EventId(a), Verdict::Delivered)]).unwrap();
-        (settled, r1)
-    });
-    until_waiting_for_a_lock(&mut observer, settler_pid);
-    r2.batch_execute("COMMIT").unwrap();
-    let (settled, _r1) = settler.join().unwrap();
+    let verdict = (EventId(a), Verdict::Delivered);
+    let settled = settle_behind(r1, held.token, verdict, &mut r2, &mut observer);
 
     assert_eq!(settled, [EventId(a)]);
     assert_eq!(
@@ -154,17 +164,10 @@ fn dead_lettering_an_unreadable_event_wakes_its_successor_too() {
     r2.batch_execute("BEGIN").unwrap();
     assert_eq!(defer(&mut r2, &[b]).unwrap(), 1);
 
-    let settler_pid = backend_pid(&mut r1);
-    let token = held.token;
-    let settler = std::thread::spawn(move || {
-        let dead = Verdict::Dead {
-            error: "unreadable event".into(),
-        };
-        (settle(&mut r1, token, &[(EventId(a), dead)]).unwrap(), r1)
-    });
-    until_waiting_for_a_lock(&mut observer, settler_pid);
-    r2.batch_execute("COMMIT").unwrap();
-    let (settled, _r1) = settler.join().unwrap();
+    let dead = Verdict::Dead {
+        error: "unreadable event".into(),
+    };
+    let settled = settle_behind(r1, held.token, (EventId(a), dead), &mut r2, &mut observer);
 
     assert_eq!(settled, [EventId(a)]);
     assert_eq!(state(&mut observer, b), (false, true, false));
