@@ -1,13 +1,20 @@
-//! When a relay wants NOTIFYs: only while all its workers are asleep.
+//! When a relay wants NOTIFYs: while events come slowly, and otherwise only
+//! while all its workers are asleep.
 //!
-//! A NOTIFY serializes publishers' commits (docs/design.md), so the relay
-//! asks for them only when it needs them. A worker that found work polls
-//! again after short, growing pauses ([`LINGER`]); one that found nothing
-//! for a while becomes drowsy and then sleeps until a wake-up or the poll
-//! interval. When the last worker of the relay dozes off it *arms*
-//! `outbox.relay_wakeup` (publishers then notify); the listener *disarms* it
-//! on the first notification, so a relay under load keeps polling and
-//! publishers commit without notifying.
+//! A NOTIFY serializes publishers' commits (docs/design.md), which costs
+//! something only when many commit at once. So the relay watches the rate
+//! at which it claims events:
+//!
+//! - Below [`NOTIFY_BELOW`] events/s (most applications, most of the time)
+//!   it keeps `outbox.relay_wakeup` *armed*, so every commit notifies, and
+//!   its workers sleep between events until a notification wakes one: an
+//!   event is picked up about a millisecond after its commit.
+//! - Above [`POLL_ABOVE`] the listener *disarms* the flag on the next
+//!   notification, and a worker that found work polls again after short,
+//!   growing pauses ([`LINGER`]): publishers commit without notifying. One
+//!   that found nothing for a while becomes drowsy and then sleeps until a
+//!   wake-up or the poll interval; when the last worker of the relay dozes
+//!   off it arms the flag again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -29,8 +36,19 @@ pub(crate) const LINGER: [Duration; 7] = [
     Duration::from_millis(64),
 ];
 
-/// The relay-wide side: how many workers sleep, and whether (and when) this
-/// relay armed the flag.
+/// Below this rate of claimed events per second the relay keeps
+/// notifications on and its workers wait for them.
+pub(crate) const NOTIFY_BELOW: f64 = 500.0;
+/// Above this rate it turns them off and polls (the gap between the two
+/// keeps it from flapping).
+pub(crate) const POLL_ABOVE: f64 = 1_000.0;
+/// The window over which the rate is measured: short, so that a burst of
+/// publishers turns notifications off after about
+/// `POLL_ABOVE × RATE_WINDOW` (100) of them.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// The relay-wide side: how many workers sleep, whether (and when) this
+/// relay armed the flag, and how fast events come.
 #[derive(Debug)]
 pub(crate) struct Wakeup {
     /// False without a listener: then nobody would hear a NOTIFY, so the
@@ -39,6 +57,15 @@ pub(crate) struct Wakeup {
     workers: usize,
     asleep: AtomicUsize,
     armed_at: Mutex<Option<Instant>>,
+    rate: Mutex<Rate>,
+}
+
+/// Claimed events counted per [`RATE_WINDOW`], and the mode they decided.
+#[derive(Debug)]
+struct Rate {
+    window_start: Instant,
+    claimed: u64,
+    notify: bool,
 }
 
 impl Wakeup {
@@ -48,7 +75,50 @@ impl Wakeup {
             workers,
             asleep: AtomicUsize::new(0),
             armed_at: Mutex::new(None),
+            rate: Mutex::new(Rate {
+                window_start: Instant::now(),
+                claimed: 0,
+                notify: true,
+            }),
         }
+    }
+
+    /// A claim took `events`. Decides the mode once per window, and at once
+    /// when this window alone already passes [`POLL_ABOVE`].
+    pub(crate) fn claimed(&self, events: usize) {
+        let mut rate = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        rate.claimed += events as u64;
+        let elapsed = rate.window_start.elapsed();
+        if rate.claimed as f64 > POLL_ABOVE * RATE_WINDOW.as_secs_f64() {
+            rate.notify = false;
+        }
+        if elapsed >= RATE_WINDOW {
+            let per_second = rate.claimed as f64 / elapsed.as_secs_f64();
+            if per_second < NOTIFY_BELOW {
+                rate.notify = true;
+            } else if per_second > POLL_ABOVE {
+                rate.notify = false;
+            }
+            rate.window_start = Instant::now();
+            rate.claimed = 0;
+        }
+    }
+
+    /// Whether the relay keeps notifications on and waits for them (a
+    /// listener is needed, and events come slowly).
+    pub(crate) fn notify_mode(&self) -> bool {
+        self.enabled && self.rate.lock().unwrap_or_else(PoisonError::into_inner).notify
+    }
+
+    /// In notify mode: whether the flag should be (re)armed now, whatever
+    /// the workers do; see [`Wakeup::should_arm`] for the refresh.
+    pub(crate) fn should_keep_armed(&self, refresh: Duration) -> bool {
+        self.notify_mode()
+            && self
+                .armed_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|at| at.elapsed() >= refresh)
     }
 
     /// Whether the flag should be (re)armed now: every worker is asleep,
@@ -70,13 +140,16 @@ impl Wakeup {
     }
 
     /// Called by the listener on a notification: true if this relay had
-    /// armed the flag and should now disarm it.
+    /// armed the flag and should now disarm it (never in notify mode:
+    /// there the flag stays armed).
     pub(crate) fn take_armed(&self) -> bool {
-        self.armed_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .is_some()
+        !self.notify_mode()
+            && self
+                .armed_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+                .is_some()
     }
 }
 

@@ -127,6 +127,21 @@ impl Worker {
                 idleness.busy(&shared.wakeup);
                 Ok(None)
             }
+            // Events come slowly: keep the flag armed and sleep until a
+            // notification (or the poll, or the next due time). Right after
+            // arming, one more claim first: it finds what publishers
+            // committed while the flag was still off.
+            Round::Partial | Round::Empty if shared.wakeup.notify_mode() => {
+                match round {
+                    Round::Partial => idleness.busy(&shared.wakeup),
+                    _ => drop(idleness.empty(&shared.wakeup, poll_interval)),
+                }
+                if shared.wakeup.should_keep_armed(shared.config.poll_interval) {
+                    self.arm(slot)?;
+                    return Ok(Some(LINGER[0].min(poll_interval)));
+                }
+                Ok(Some(poll_interval))
+            }
             Round::Partial => {
                 idleness.busy(&shared.wakeup);
                 Ok(Some(LINGER[0].min(poll_interval)))
@@ -134,21 +149,26 @@ impl Worker {
             Round::Empty => {
                 let pause = idleness.empty(&shared.wakeup, poll_interval);
                 if shared.wakeup.should_arm(shared.config.poll_interval) {
-                    let conn = match slot {
-                        Some(conn) => conn,
-                        None => slot.insert(shared.pool.get()?),
-                    };
-                    // Armed for a few poll intervals: a sleeping relay
-                    // renews it every poll, and one that died stops
-                    // costing publishers a NOTIFY soon after.
-                    let valid_for =
-                        (shared.config.poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
-                    store::wakeup::arm(conn, valid_for)?;
-                    shared.wakeup.armed();
+                    self.arm(slot)?;
                 }
                 Ok(Some(pause))
             }
         }
+    }
+
+    /// Arms the wake-up flag for a few poll intervals: a sleeping relay
+    /// renews it every poll, and one that died stops costing publishers a
+    /// NOTIFY soon after.
+    fn arm(&self, slot: &mut Option<PooledConn>) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let conn = match slot {
+            Some(conn) => conn,
+            None => slot.insert(shared.pool.get()?),
+        };
+        let valid_for = (shared.config.poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
+        store::wakeup::arm(conn, valid_for)?;
+        shared.wakeup.armed();
+        Ok(())
     }
 
     fn stopping(&self) -> bool {
@@ -174,6 +194,7 @@ impl Worker {
         // Measured from the reply, so the wake-up is never early.
         let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);
         shared.schedule.claimed(sent, next_due);
+        shared.wakeup.claimed(claimed.rows.len());
         if !claimed.rescued.is_empty() {
             Counters::add(&shared.counters.stranded_rescued, claimed.rescued.len());
             tracing::warn!(relay = %shared.name, events = ?claimed.rescued, "keyed events came due by their deferral margin: their earlier event was removed without a settle (by hand?)");
