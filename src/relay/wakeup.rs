@@ -107,7 +107,12 @@ impl Wakeup {
     /// Whether the relay keeps notifications on and waits for them (a
     /// listener is needed, and events come slowly).
     pub(crate) fn notify_mode(&self) -> bool {
-        self.enabled && self.rate.lock().unwrap_or_else(PoisonError::into_inner).notify
+        self.enabled
+            && self
+                .rate
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .notify
     }
 
     /// In notify mode: whether the flag should be (re)armed now, whatever
