@@ -7,6 +7,7 @@ use crossbeam_channel::bounded;
 use serde::de::DeserializeOwned;
 
 use super::routing::{Routes, TopicPattern};
+use super::subscription::Served;
 use super::worker::Worker;
 use super::{listener, Config, PgPool, Relay, Shared};
 use crate::backoff::Backoff;
@@ -23,6 +24,7 @@ pub struct RelayBuilder {
     listen_url: Option<String>,
     routes: Routes,
     route_error: Option<Error>,
+    subscriptions: Vec<Served>,
     name: Option<String>,
     workers: usize,
     batch_size: u32,
@@ -63,6 +65,7 @@ impl RelayBuilder {
             listen_url: None,
             routes: Routes::default(),
             route_error: None,
+            subscriptions: Vec::new(),
             name: None,
             workers: Self::DEFAULT_WORKERS,
             batch_size: Self::DEFAULT_BATCH_SIZE,
@@ -93,9 +96,13 @@ impl RelayBuilder {
     }
 
     /// Delivers topics matching `pattern` (`order.approved`, `order.*` or
-    /// `*`) to `sink`; the most specific pattern wins. A relay claims only
-    /// the topics it routes: events of other topics stay queued for a relay
-    /// that routes them. Defaults to no routes (and `start` requires one).
+    /// `*`) of the [default subscription](super::DEFAULT_SUBSCRIPTION) to
+    /// `sink`; the most specific pattern wins. A relay claims only the
+    /// topics it routes: events of other topics stay queued for a relay
+    /// that routes them. Relays serving the default subscription share its
+    /// events: each event goes to one of them. Use [`Self::subscribe`] for
+    /// a consumer that must get every event whatever other consumers do.
+    /// Defaults to no routes (`start` requires a route or a subscription).
     pub fn route(mut self, pattern: &str, sink: impl Sink) -> Self {
         let added = TopicPattern::parse(pattern).and_then(|p| self.routes.add(p, Arc::new(sink)));
         if let Err(error) = added {
@@ -114,6 +121,73 @@ impl RelayBuilder {
         F: Fn(E, &StoredEvent) -> Result<(), DeliveryError> + Send + Sync + 'static,
     {
         self.route(E::TOPIC, Handler::<E, F>::new(handler))
+    }
+
+    /// Serves the subscription `name`: every event of a topic matching one
+    /// of `patterns` (`order.approved`, `order.*`, `*`) committed after the
+    /// subscription was first registered goes to `sink`, whatever other
+    /// subscriptions do, with its own retries, per-key order and dead
+    /// letters. The subscription is registered in the database the first
+    /// time a relay serving it connects, and keeps its events from then on
+    /// while no relay runs (`outbox subscriptions remove` ends it). Relays
+    /// serving the same subscription share its events; each subscription
+    /// gets its own `workers` threads, so a slow sink never holds up
+    /// another subscription.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool: outbox::PgPool = unimplemented!();
+    /// let relay = outbox::Relay::builder(pool)
+    ///     .subscribe("email", &["order.approved"], |event: &outbox::StoredEvent| {
+    ///         println!("email for {}", event.id);
+    ///         Ok(())
+    ///     })
+    ///     .subscribe("audit", &["order.*", "user.*"], |event: &outbox::StoredEvent| {
+    ///         println!("audit {} {}", event.topic, event.id);
+    ///         Ok(())
+    ///     })
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe(mut self, name: &str, patterns: &[&str], sink: impl Sink) -> Self {
+        self.add_subscription(Served::named(name, patterns, Arc::new(sink)));
+        self
+    }
+
+    /// Serves the subscription `name` with a typed handler of `E` (topic
+    /// `E::TOPIC`), as [`Self::handle`] does for the default subscription.
+    pub fn subscribe_handler<E, F>(mut self, name: &str, handler: F) -> Self
+    where
+        E: Event + DeserializeOwned + 'static,
+        F: Fn(E, &StoredEvent) -> Result<(), DeliveryError> + Send + Sync + 'static,
+    {
+        self.add_subscription(Served::named(
+            name,
+            &[E::TOPIC],
+            Arc::new(Handler::<E, F>::new(handler)),
+        ));
+        self
+    }
+
+    fn add_subscription(&mut self, served: Result<Served, Error>) {
+        match served {
+            Ok(served)
+                if served.name == super::DEFAULT_SUBSCRIPTION
+                    || self.subscriptions.iter().any(|s| s.name == served.name) =>
+            {
+                self.route_error.get_or_insert(Error::Config {
+                    field: "subscribe",
+                    reason: format!(
+                        "subscription {:?} is declared twice (or is the default subscription, which .route and .handle fill)",
+                        served.name
+                    ),
+                });
+            }
+            Ok(served) => self.subscriptions.push(served),
+            Err(error) => {
+                self.route_error.get_or_insert(error);
+            }
+        }
     }
 
     /// The name recorded in `claimed_by` and in logs. Defaults to
@@ -218,27 +292,25 @@ impl RelayBuilder {
         } else {
             tracing::warn!(relay = %name, poll_interval = ?self.poll_interval, "no listener configured: events wait up to a poll interval; call RelayBuilder::listen(url) with the pool's URL to pick them up within milliseconds");
         }
-        let filter = self.routes.claim_filter();
         let listening = self.listen_url.is_some();
-        let workers = config.workers;
+        let mut subscriptions = self.subscriptions;
+        if !self.routes.is_empty() {
+            subscriptions.insert(0, Served::default_with(self.routes));
+        }
+        let workers = config.workers * subscriptions.len();
         let vacuum = config.vacuum;
         let shared = Arc::new(Shared {
             name,
             pool: self.pool,
             config,
-            routes: self.routes,
-            filter,
+            subscriptions,
             observer: self.observer,
             counters: Default::default(),
             wakeup: super::wakeup::Wakeup::new(listening, workers),
-            schedule: super::wakeup::Schedule::default(),
             housekeeping: super::housekeeping::Housekeeping::new(vacuum),
         });
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (finished_tx, finished_rx) = bounded::<()>(0);
-        // One pending wake-up at most: a burst of notifications becomes one
-        // claim round.
-        let (wake_tx, wake_rx) = bounded::<()>(1);
         let mut threads = Vec::new();
         let spawn = |name: String, body: Box<dyn FnOnce() + Send>| {
             let finished = finished_tx.clone();
@@ -252,7 +324,8 @@ impl RelayBuilder {
             reason: format!("could not spawn a thread: {e}"),
         };
         if let Some(url) = self.listen_url {
-            let (shared, wake, shutdown) = (shared.clone(), wake_tx.clone(), shutdown_rx.clone());
+            let wake = shared.subscriptions.iter().map(|s| s.wake_tx.clone()).collect();
+            let (shared, shutdown) = (shared.clone(), shutdown_rx.clone());
             threads.push(
                 spawn(
                     "outbox-listener".into(),
@@ -271,24 +344,30 @@ impl RelayBuilder {
                 .map_err(io_error)?,
             );
         }
-        for index in 0..shared.config.workers {
-            let worker = Worker {
-                shared: shared.clone(),
-                wake_rx: wake_rx.clone(),
-                wake_tx: wake_tx.clone(),
-                shutdown: shutdown_rx.clone(),
-            };
-            threads.push(
-                spawn(
-                    format!("outbox-worker-{index}"),
-                    Box::new(move || worker.run()),
-                )
-                .map_err(io_error)?,
-            );
+        for (subscription, served) in shared.subscriptions.iter().enumerate() {
+            for index in 0..shared.config.workers {
+                let worker = Worker {
+                    shared: shared.clone(),
+                    subscription,
+                    first_lane: index,
+                    shutdown: shutdown_rx.clone(),
+                };
+                threads.push(
+                    spawn(
+                        format!("outbox-{}-{index}", served.name),
+                        Box::new(move || worker.run()),
+                    )
+                    .map_err(io_error)?,
+                );
+            }
         }
         tracing::info!(
             relay = %shared.name,
-            routes = ?shared.routes.patterns(),
+            subscriptions = ?shared
+                .subscriptions
+                .iter()
+                .map(|s| format!("{}: {}", s.name, s.routes.patterns().join(", ")))
+                .collect::<Vec<_>>(),
             workers = shared.config.workers,
             batch_size = shared.config.batch_size,
             "relay started"
@@ -303,18 +382,21 @@ impl RelayBuilder {
 
     fn check(&self) -> Result<Config, Error> {
         if let Some(error) = &self.route_error {
-            return Err(Error::Config {
-                field: "route",
-                reason: match error {
-                    Error::Config { reason, .. } => reason.clone(),
-                    other => other.to_string(),
+            return Err(match error {
+                Error::Config { field, reason } => Error::Config {
+                    field,
+                    reason: reason.clone(),
+                },
+                other => Error::Config {
+                    field: "route",
+                    reason: other.to_string(),
                 },
             });
         }
-        if self.routes.is_empty() {
+        if self.routes.is_empty() && self.subscriptions.is_empty() {
             return config_error(
                 "route",
-                "is missing: add .route(pattern, sink) or .handle(handler)",
+                "is missing: add .route(pattern, sink), .handle(handler) or .subscribe(name, patterns, sink)",
             );
         }
         if !(1..=Self::MAX_WORKERS).contains(&self.workers) {

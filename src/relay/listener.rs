@@ -1,5 +1,6 @@
 //! The listener thread: one dedicated connection that LISTENs and turns
-//! notifications into wake-ups for the workers.
+//! notifications into wake-ups for the workers
+//! of every subscription.
 //!
 //! It only wakes; the workers decide what to claim. A burst of
 //! notifications becomes at most one pending wake-up (the channel holds
@@ -25,7 +26,19 @@ use crate::observe::Counters;
 /// notification arrives.
 const WAIT_SLICE: Duration = Duration::from_millis(250);
 
-pub(super) fn run(shared: Arc<Shared>, url: String, wake: Sender<()>, shutdown: Receiver<()>) {
+/// Wakes one worker of every subscription.
+fn wake_all(wake: &[Sender<()>]) {
+    for sender in wake {
+        let _ = sender.try_send(());
+    }
+}
+
+pub(super) fn run(
+    shared: Arc<Shared>,
+    url: String,
+    wake: Vec<Sender<()>>,
+    shutdown: Receiver<()>,
+) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
     let mut failures: u32 = 0;
@@ -38,7 +51,7 @@ pub(super) fn run(shared: Arc<Shared>, url: String, wake: Sender<()>, shutdown: 
                     tracing::info!(relay = %shared.name, "listener reconnected");
                 }
                 failures = 0;
-                let _ = wake.try_send(());
+                wake_all(&wake);
                 loop {
                     if matches!(shutdown.try_recv(), Err(TryRecvError::Disconnected)) {
                         return;
@@ -46,7 +59,7 @@ pub(super) fn run(shared: Arc<Shared>, url: String, wake: Sender<()>, shutdown: 
                     match listener.wait(WAIT_SLICE) {
                         Ok(0) => {}
                         Ok(_) => {
-                            let _ = wake.try_send(());
+                            wake_all(&wake);
                             // After the wake-up, so the claim does not wait
                             // for it. Publishers stop notifying now; this
                             // relay re-arms once its workers sleep again.

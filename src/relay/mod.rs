@@ -2,8 +2,9 @@
 //! with backoff, and dead-letters what cannot be delivered.
 //!
 //! Threads: one listener (LISTEN on its own connection, only wakes),
-//! `workers` workers that each claim a batch, deliver it and settle it in
-//! one round trip, and one housekeeper (vacuums the table). A worker holds
+//! `workers` workers per subscription served that each claim a batch,
+//! deliver it and settle it in one round trip, and one housekeeper
+//! (reclaims the log's storage, vacuums the small tables). A worker holds
 //! one pooled connection per round and none while idle; the housekeeper,
 //! one only while it works.
 
@@ -12,6 +13,7 @@ mod housekeeping;
 mod listener;
 mod pq;
 mod routing;
+mod subscription;
 mod wakeup;
 mod worker;
 
@@ -29,6 +31,7 @@ use crate::observe::{Counters, Observer, RelayStats};
 
 pub use builder::RelayBuilder;
 pub use routing::TopicPattern;
+pub use subscription::DEFAULT_SUBSCRIPTION;
 
 /// An r2d2 pool of diesel PostgreSQL connections, as the relay takes it.
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
@@ -50,12 +53,11 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) pool: PgPool,
     pub(crate) config: Config,
-    pub(crate) routes: routing::Routes,
-    pub(crate) filter: crate::store::TopicFilter,
+    /// The subscriptions this relay serves, each with `workers` workers.
+    pub(crate) subscriptions: Vec<subscription::Served>,
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) counters: Counters,
     pub(crate) wakeup: wakeup::Wakeup,
-    pub(crate) schedule: wakeup::Schedule,
     pub(crate) housekeeping: housekeeping::Housekeeping,
 }
 
@@ -108,7 +110,15 @@ impl std::fmt::Debug for Relay {
         f.debug_struct("Relay")
             .field("name", &self.shared.name)
             .field("config", &self.shared.config)
-            .field("routes", &self.shared.routes.patterns())
+            .field(
+                "subscriptions",
+                &self
+                    .shared
+                    .subscriptions
+                    .iter()
+                    .map(|s| (&s.name, s.routes.patterns()))
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -122,7 +132,8 @@ impl Relay {
         RelayBuilder::new(pool)
     }
 
-    /// This relay's name, recorded in `outbox.events.claimed_by`.
+    /// This relay's name, recorded as `claimed_by` in `outbox.cursors` and
+    /// `outbox.deliveries`.
     pub fn name(&self) -> &str {
         &self.shared.name
     }

@@ -1,16 +1,17 @@
-//! A worker thread: wait for a wake-up or the poll timer, then claim a
-//! batch, deliver it through the sinks, and settle it in one round trip.
-//! Repeat while batches come back full.
+//! A worker thread of one subscription: wait for a wake-up or the poll
+//! timer, then claim a batch, deliver it through the sinks, and settle it
+//! in one round trip. Repeat while there is more.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{select, Receiver, TryRecvError};
 use diesel::PgConnection;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::subscription::Served;
 use super::wakeup::{Idleness, LINGER};
 use super::Shared;
 use crate::backoff::Backoff;
@@ -18,7 +19,7 @@ use crate::error::Error;
 use crate::event::{EventId, StoredEvent};
 use crate::observe::Counters;
 use crate::sink::{DeliveryError, DeliveryErrorKind};
-use crate::store::{self, Verdict};
+use crate::store::{self, Place, Settlement, Verdict};
 
 /// Bounds of how long an armed wake-up flag stays armed without renewal.
 const ARMED_AT_LEAST: Duration = Duration::from_secs(1);
@@ -28,16 +29,18 @@ type PooledConn = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager
 
 pub(super) struct Worker {
     pub(super) shared: Arc<Shared>,
-    pub(super) wake_rx: Receiver<()>,
-    pub(super) wake_tx: Sender<()>,
+    /// Which of the relay's subscriptions this worker serves.
+    pub(super) subscription: usize,
+    /// The lane its first claim tries first; each claim tries the next.
+    pub(super) first_lane: usize,
     pub(super) shutdown: Receiver<()>,
 }
 
 /// What a round found, to decide how soon to look again.
 enum Round {
-    /// More may be waiting (a full batch, a settled keyed event that
-    /// unblocks the next of its key, or deferred events that made room):
-    /// go again at once.
+    /// More may be waiting (rows of the log, which other lanes may have
+    /// too, a full batch, or a settled keyed event that unblocks the next
+    /// of its key): go again at once.
     More,
     /// Less than a batch: look again after a short pause.
     Partial,
@@ -46,8 +49,13 @@ enum Round {
 }
 
 impl Worker {
+    fn served(&self) -> &Served {
+        &self.shared.subscriptions[self.subscription]
+    }
+
     pub(super) fn run(self) {
         let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut lane = self.first_lane;
         let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
         let mut failures: u32 = 0;
         let mut idleness = Idleness::new();
@@ -62,8 +70,9 @@ impl Worker {
             // the round ends so the pool is shared fairly with the
             // application.
             let mut conn: Option<PooledConn> = None;
+            lane = lane.wrapping_add(1);
             let pause = self
-                .round(&mut conn, &mut rng)
+                .round(&mut conn, lane, &mut rng)
                 .and_then(|round| self.pause_after(round, &mut idleness, &mut conn));
             drop(conn);
             match pause {
@@ -76,7 +85,7 @@ impl Worker {
                     }
                     let Some(pause) = pause else { continue };
                     select! {
-                        recv(self.wake_rx) -> _ => idleness.busy(&self.shared.wakeup),
+                        recv(self.served().wake_rx) -> _ => idleness.busy(&self.shared.wakeup),
                         recv(self.shutdown) -> _ => {
                             idleness.awake(&self.shared.wakeup);
                             return;
@@ -116,7 +125,8 @@ impl Worker {
     ) -> Result<Option<Duration>, Error> {
         let shared = &*self.shared;
         // Never past the next known due time (a retry, a delayed event).
-        let poll_interval = shared
+        let poll_interval = self
+            .served()
             .schedule
             .until_next()
             .map_or(shared.config.poll_interval, |due| {
@@ -175,70 +185,89 @@ impl Worker {
         matches!(self.shutdown.try_recv(), Err(TryRecvError::Disconnected))
     }
 
+    /// Registers the subscription once per relay (and again after an
+    /// operator removed it): from then on the database keeps its events.
+    fn register(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        let served = self.served();
+        if served.is_registered() {
+            return Ok(());
+        }
+        let created = store::subscribe(conn, &served.name, &served.patterns, &served.topics)?;
+        served.set_registered(true);
+        if created {
+            tracing::info!(relay = %self.shared.name, subscription = %served.name, patterns = ?served.patterns, "subscription registered: it receives every event committed from now on");
+        }
+        Ok(())
+    }
+
     /// Claims, delivers and settles one batch.
-    fn round(&self, slot: &mut Option<PooledConn>, rng: &mut StdRng) -> Result<Round, Error> {
+    fn round(
+        &self,
+        slot: &mut Option<PooledConn>,
+        lane: usize,
+        rng: &mut StdRng,
+    ) -> Result<Round, Error> {
         let shared = &*self.shared;
+        let served = self.served();
         let config = &shared.config;
         let conn = match slot {
             Some(conn) => conn,
             None => slot.insert(shared.pool.get()?),
         };
+        self.register(conn)?;
         let sent = Instant::now();
         let claimed = store::claim(
             conn,
+            &served.name,
+            lane,
             &shared.name,
             i64::from(config.batch_size),
             config.lease,
-            &shared.filter,
-        )?;
+            &served.routed,
+        )
+        .inspect_err(|error| {
+            if error.to_string().contains("is not registered") {
+                // Removed by an operator while this relay runs: declared
+                // here, so registered again.
+                served.set_registered(false);
+            }
+        })?;
         // Measured from the reply, so the wake-up is never early.
         let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);
-        shared.schedule.claimed(sent, next_due);
+        served.schedule.claimed(sent, next_due);
         shared.wakeup.claimed(claimed.rows.len());
-        if !claimed.rescued.is_empty() {
-            Counters::add(&shared.counters.stranded_rescued, claimed.rescued.len());
-            tracing::warn!(relay = %shared.name, events = ?claimed.rescued, "keyed events came due by their deferral margin: their earlier event was removed without a settle (by hand?)");
-            shared.observer.on_stranded_rescued(&claimed.rescued);
-        }
-        // Events waiting for an earlier event of their key: moved out of
-        // the next claim's way (settling that event brings them back). The
-        // defer never waits for a lock, so the batch's lease is not spent
-        // here. Only when it moved some is another claim worth making at
-        // once; blocked events it could not move would come back unchanged.
-        let made_room = !claimed.blocked.is_empty()
-            && match store::defer(conn, &claimed.blocked) {
-                Ok(moved) => moved > 0,
-                Err(error) => {
-                    // Best effort: events left where they are are only read again.
-                    tracing::debug!(relay = %shared.name, %error, "deferring events that wait for their key failed");
-                    false
-                }
-            };
         if claimed.rows.is_empty() {
-            return Ok(if made_room { Round::More } else { Round::Empty });
+            return Ok(Round::Empty);
         }
-        let full = claimed.rows.len() + claimed.blocked.len() == config.batch_size as usize;
-        if full {
-            // More is waiting: pass the wake-up on to an idle worker.
-            let _ = self.wake_tx.try_send(());
+        let full = claimed.rows.len() == config.batch_size as usize;
+        let from_log = claimed.lane.is_some();
+        if full || from_log {
+            // More may be waiting (other lanes too): pass the wake-up on to
+            // an idle worker of this subscription.
+            let _ = served.wake_tx.try_send(());
         }
         Counters::add(&shared.counters.claimed, claimed.rows.len());
         let mut events = Vec::with_capacity(claimed.rows.len());
+        let mut places = Vec::with_capacity(claimed.rows.len());
         let mut unreadable = Vec::new();
         for row in claimed.rows {
+            let place = row.place();
             match row.into_event() {
-                (event, None) => events.push(event),
+                (event, None) => {
+                    events.push(event);
+                    places.push(place);
+                }
                 // Valid jsonb that serde_json refuses (1e400, very deep
                 // nesting): no sink can be given it, so it dies at once
                 // instead of failing the batch on every claim.
-                (event, Some(reason)) => unreadable.push((reason, event)),
+                (event, Some(reason)) => unreadable.push((reason, event, place)),
             }
         }
         shared.observer.on_claimed(&events);
         // Unreadable events go after the deliverable ones, already judged.
         let deliverable = events.len();
         let mut outcomes = Vec::with_capacity(deliverable + unreadable.len());
-        for (reason, event) in unreadable {
+        for (reason, event, place) in unreadable {
             outcomes.push(Outcome {
                 id: event.id,
                 event: events.len(),
@@ -248,11 +277,21 @@ impl Worker {
                 error: None,
             });
             events.push(event);
+            places.push(place);
         }
 
         // The database's lease began at the claim's now(): count from when
         // the claim was sent, never later.
         let mut lease = LeaseKeeper::new(config.lease, sent);
+        let batch = Batch {
+            token: claimed.token,
+            lane: claimed.lane,
+            events: &events,
+            places: &places,
+        };
+        // Keys with an event that failed (or was put back) in this batch:
+        // their later events wait behind it, unattempted.
+        let mut waiting_keys = std::collections::HashSet::new();
         for (index, event) in events[..deliverable].iter().enumerate() {
             if self.stopping() {
                 let rest = index..deliverable;
@@ -261,10 +300,14 @@ impl Worker {
             }
             if lease.due() {
                 // The whole batch: delivered events stay held until the settle.
-                match self.extend_lease(conn, claimed.token, &events) {
+                match self.extend_lease(conn, &batch) {
                     Some(held) => lease.renewed(held),
                     None => lease.renewal_failed(),
                 }
+            }
+            if event.key.as_ref().is_some_and(|key| waiting_keys.contains(key)) {
+                outcomes.push(Outcome::held(event, index));
+                continue;
             }
             if !lease.holds(event.id) {
                 // Another relay took it over: delivering would only duplicate.
@@ -272,8 +315,14 @@ impl Worker {
                 continue;
             }
             let started = Instant::now();
-            outcomes.push(self.deliver(event, index, rng));
+            let outcome = self.deliver(event, index, rng);
             lease.observe_call(started.elapsed());
+            if matches!(outcome.verdict, Verdict::Retry { .. } | Verdict::Release) {
+                if let Some(key) = &event.key {
+                    waiting_keys.insert(key.clone());
+                }
+            }
+            outcomes.push(outcome);
         }
         // A delivered or dead keyed event may unblock the next of its key:
         // look again at once instead of waiting for the poll.
@@ -282,9 +331,9 @@ impl Worker {
                 && events[o.event].key.is_some()
         });
         let settled = outcomes.len();
-        self.settle(slot, claimed.token, &events, outcomes)?;
+        self.settle(slot, &batch, outcomes)?;
         shared.housekeeping.settled(settled);
-        Ok(if full || unblocked || made_room {
+        Ok(if full || unblocked || from_log {
             Round::More
         } else {
             Round::Partial
@@ -294,7 +343,7 @@ impl Worker {
     /// Delivers `event` (the batch's `index`th) and decides its verdict.
     fn deliver(&self, event: &StoredEvent, index: usize, rng: &mut StdRng) -> Outcome {
         let shared = &*self.shared;
-        let Some(sink) = shared.routes.sink_for(&event.topic) else {
+        let Some(sink) = self.served().routes.sink_for(&event.topic) else {
             // Claims only take routed topics; never deliver what we cannot.
             return Outcome::release(event, index);
         };
@@ -348,14 +397,21 @@ impl Worker {
 
     /// Renews the lease of a batch. Best effort: if it fails the lease may
     /// run out, and the settle's fencing keeps that safe.
-    fn extend_lease(
-        &self,
-        conn: &mut PgConnection,
-        token: i64,
-        batch: &[StoredEvent],
-    ) -> Option<Vec<EventId>> {
-        let ids: Vec<EventId> = batch.iter().map(|e| e.id).collect();
-        match store::extend_lease(conn, token, &ids, self.shared.config.lease) {
+    fn extend_lease(&self, conn: &mut PgConnection, batch: &Batch<'_>) -> Option<Vec<EventId>> {
+        let items: Vec<(EventId, Place)> = batch
+            .events
+            .iter()
+            .zip(batch.places)
+            .map(|(e, p)| (e.id, *p))
+            .collect();
+        match store::extend_lease(
+            conn,
+            &self.served().name,
+            batch.token,
+            batch.lane,
+            &items,
+            self.shared.config.lease,
+        ) {
             Ok(held) => Some(held),
             Err(error) => {
                 tracing::warn!(relay = %self.shared.name, error = %error, "extending a lease failed");
@@ -370,23 +426,34 @@ impl Worker {
     fn settle(
         &self,
         slot: &mut Option<PooledConn>,
-        token: i64,
-        events: &[StoredEvent],
+        batch: &Batch<'_>,
         outcomes: Vec<Outcome>,
     ) -> Result<(), Error> {
         let shared = &*self.shared;
-        let verdicts: Vec<(EventId, Verdict)> =
-            outcomes.iter().map(|o| (o.id, o.verdict.clone())).collect();
+        let name = &self.served().name;
+        let (token, lane, events) = (batch.token, batch.lane, batch.events);
+        let verdicts: Vec<Settlement> = outcomes
+            .iter()
+            .map(|o| Settlement {
+                id: o.id,
+                place: batch.places[o.event],
+                verdict: o.verdict.clone(),
+            })
+            .collect();
         let deadline = Instant::now() + shared.config.lease;
         let mut tries: u32 = 0;
         let settled = loop {
             let attempt = match slot {
-                Some(conn) => store::settle(conn, token, &verdicts).map_err(Error::from),
-                None => shared
-                    .pool
-                    .get()
-                    .map_err(Error::from)
-                    .and_then(|conn| Ok(store::settle(slot.insert(conn), token, &verdicts)?)),
+                Some(conn) => store::settle(conn, name, token, lane, &verdicts).map_err(Error::from),
+                None => shared.pool.get().map_err(Error::from).and_then(|conn| {
+                    Ok(store::settle(
+                        slot.insert(conn),
+                        name,
+                        token,
+                        lane,
+                        &verdicts,
+                    )?)
+                }),
             };
             match attempt {
                 Ok(settled) => break settled,
@@ -428,14 +495,14 @@ impl Worker {
                 }
                 Verdict::Retry { delay, .. } => {
                     Counters::add(&counters.retried, 1);
-                    shared.schedule.add(Instant::now() + *delay);
+                    self.served().schedule.add(Instant::now() + *delay);
                     let error = outcome
                         .error
                         .unwrap_or_else(|| DeliveryError::transient("unknown"));
                     tracing::info!(relay = %shared.name, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
                     shared.observer.on_retry(event, &error, *delay);
                 }
-                Verdict::Release => released.push(event.id),
+                Verdict::Release | Verdict::Held => released.push(event.id),
                 Verdict::Dead { error } => {
                     Counters::add(&counters.dead_lettered, 1);
                     tracing::warn!(relay = %shared.name, id = %event.id, topic = %event.topic, attempts = event.attempts, error = %error, "event dead-lettered");
@@ -523,6 +590,25 @@ impl Outcome {
             error: None,
         }
     }
+
+    fn held(event: &StoredEvent, index: usize) -> Self {
+        Outcome {
+            id: event.id,
+            event: index,
+            verdict: Verdict::Held,
+            error: None,
+        }
+    }
+}
+
+/// A claimed batch as the worker settles it.
+struct Batch<'a> {
+    token: i64,
+    /// The lane whose cursor the batch holds, if it has rows of the log.
+    lane: Option<i16>,
+    events: &'a [StoredEvent],
+    /// Where each event lives, by index in `events`.
+    places: &'a [Place],
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -1,10 +1,11 @@
-//! Keeping `outbox.events` small: the relay's own VACUUM, and finding what
-//! keeps VACUUM from removing dead rows.
+//! Keeping the relay's hot tables (`outbox.deliveries`, `outbox.cursors`)
+//! small: the relay's own VACUUM, and finding what keeps VACUUM from
+//! removing dead rows.
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 
-/// Whether this role may VACUUM `outbox.events` (PostgreSQL 15: superuser,
+/// Whether this role may VACUUM `outbox.deliveries` (PostgreSQL 15: superuser,
 /// the table's owner or the database's owner, or a member of theirs).
 pub(crate) fn may_vacuum_events(conn: &mut PgConnection) -> QueryResult<bool> {
     #[derive(QueryableByName)]
@@ -17,14 +18,14 @@ pub(crate) fn may_vacuum_events(conn: &mut PgConnection) -> QueryResult<bool> {
              OR pg_has_role(c.relowner, 'USAGE')
              OR pg_has_role(d.datdba, 'USAGE') AS may
            FROM pg_class c, pg_database d
-          WHERE c.oid = 'outbox.events'::regclass
+          WHERE c.oid = 'outbox.deliveries'::regclass
             AND d.datname = current_database()",
     )
     .get_result::<May>(conn)
     .map(|row| row.may)
 }
 
-/// VACUUMs `outbox.events` unless another VACUUM (autovacuum, another
+/// VACUUMs `outbox.deliveries` and `outbox.cursors` unless another VACUUM (autovacuum, another
 /// relay) holds it: then it returns at once. Runs outside a transaction.
 ///
 /// `TRUNCATE false`: giving empty pages at the end back to the file system
@@ -32,8 +33,8 @@ pub(crate) fn may_vacuum_events(conn: &mut PgConnection) -> QueryResult<bool> {
 /// while publishers insert (measured: 3.4 to 5 s per vacuum instead of
 /// 60 ms). The free pages are reused by the next inserts anyway;
 /// autovacuum still truncates when the table is quiet.
-pub(crate) fn vacuum_events(conn: &mut PgConnection) -> QueryResult<()> {
-    diesel::sql_query("VACUUM (SKIP_LOCKED, TRUNCATE false) outbox.events")
+pub(crate) fn vacuum_queues(conn: &mut PgConnection) -> QueryResult<()> {
+    diesel::sql_query("VACUUM (SKIP_LOCKED, TRUNCATE false) outbox.deliveries, outbox.cursors")
         .execute(conn)
         .map(drop)
 }
@@ -47,8 +48,8 @@ pub(crate) fn dead_rows_left(conn: &mut PgConnection) -> QueryResult<i64> {
         n: i64,
     }
     diesel::sql_query(
-        "SELECT coalesce(n_dead_tup, 0) AS n FROM pg_stat_user_tables
-          WHERE relid = 'outbox.events'::regclass",
+        "SELECT coalesce(sum(n_dead_tup), 0)::bigint AS n FROM pg_stat_user_tables
+          WHERE relid IN ('outbox.deliveries'::regclass, 'outbox.cursors'::regclass)",
     )
     .get_result::<Dead>(conn)
     .map(|row| row.n)

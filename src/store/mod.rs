@@ -15,11 +15,8 @@ mod queue;
 #[cfg(test)]
 #[path = "../../tests/support/pg.rs"]
 mod pg;
-#[cfg(test)]
-mod relay_model_tests;
-#[cfg(test)]
-mod relay_race_tests;
 mod settle;
+mod subscriptions;
 pub(crate) mod wakeup;
 
 use std::io::Write;
@@ -35,13 +32,16 @@ pub(crate) use admin::{
     count_dead_letters, get_dead_letter, list_dead_letters, purge_dead_letters,
     replay_dead_letters, status_by_topic, DeadLetterRow,
 };
-pub(crate) use claim::{claim, defer, TopicFilter};
+pub(crate) use claim::{claim, Place, TopicFilter};
 pub(crate) use migrations::{
     applied_migrations, create_schema, lock_migrations, search_path, set_local_search_path,
 };
 pub(crate) use publish::{insert_event, insert_events};
 pub(crate) use queue::queued_events;
-pub(crate) use settle::{extend_lease, settle, Verdict};
+pub(crate) use settle::{extend_lease, settle, Settlement, Verdict};
+pub(crate) use subscriptions::{
+    list_subscriptions, reclaim, remove_subscription, subscribe, wake_stranded, SubscriptionRow,
+};
 
 pub(crate) mod schema {
     diesel::table! {
@@ -53,11 +53,6 @@ pub(crate) mod schema {
             headers -> Jsonb,
             created_at -> Timestamptz,
             available_at -> Timestamptz,
-            attempts -> Int4,
-            last_error -> Nullable<Text>,
-            claimed_by -> Nullable<Text>,
-            claim_token -> Nullable<Int8>,
-            deferred -> Bool,
         }
     }
 
@@ -76,8 +71,6 @@ pub(crate) mod schema {
     }
 }
 
-use schema::events;
-
 /// JSON text that is already serialized, bound as `jsonb` without parsing it
 /// into a `serde_json::Value` and printing it again.
 #[derive(Debug, Clone, Copy, diesel::expression::AsExpression)]
@@ -93,32 +86,8 @@ impl ToSql<Jsonb, Pg> for RawJson<'_> {
     }
 }
 
-/// The columns of a [`StoredEvent`], in `SELECT` order.
-pub(crate) type StoredColumns = (
-    events::id,
-    events::topic,
-    events::key,
-    events::payload,
-    events::headers,
-    events::created_at,
-    events::available_at,
-    events::attempts,
-    events::last_error,
-);
-
-pub(crate) const STORED_COLUMNS: StoredColumns = (
-    events::id,
-    events::topic,
-    events::key,
-    events::payload,
-    events::headers,
-    events::created_at,
-    events::available_at,
-    events::attempts,
-    events::last_error,
-);
-
-/// A row of [`STORED_COLUMNS`] as diesel reads it.
+/// A [`StoredEvent`] row as diesel reads it (`id, topic, key, payload,
+/// headers, created_at, available_at, attempts, last_error`).
 pub(crate) type StoredRow = (
     i64,
     String,

@@ -1,16 +1,57 @@
-//! Reading the queue without claiming it.
+//! Reading what subscriptions still owe, without claiming it.
 
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
 
-use super::schema::events;
-use super::{StoredRow, STORED_COLUMNS};
+use super::StoredRow;
 
-/// The oldest queued events, delivered or not yet due alike, in id order.
-/// Reads the primary key index; takes no locks.
+/// The oldest `limit` events some subscription still owes (due, delayed,
+/// retrying or held by a relay), in id order, one row per subscription
+/// that owes it (`outbox.pending`). Takes no locks.
 pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<StoredRow>> {
-    events::table
-        .select(STORED_COLUMNS)
-        .order(events::id)
-        .limit(limit)
-        .load(conn)
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = Text)]
+        topic: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        key: Option<String>,
+        #[diesel(sql_type = Jsonb)]
+        payload: serde_json::Value,
+        #[diesel(sql_type = Jsonb)]
+        headers: serde_json::Value,
+        #[diesel(sql_type = Timestamptz)]
+        created_at: chrono::DateTime<chrono::Utc>,
+        #[diesel(sql_type = Timestamptz)]
+        available_at: chrono::DateTime<chrono::Utc>,
+        #[diesel(sql_type = Integer)]
+        attempts: i32,
+        #[diesel(sql_type = Nullable<Text>)]
+        last_error: Option<String>,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT id, topic, key, payload, headers, created_at, available_at, attempts, last_error
+           FROM outbox.pending
+          ORDER BY id, subscription
+          LIMIT $1",
+    )
+    .bind::<BigInt, _>(limit)
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.id,
+                r.topic,
+                r.key,
+                r.payload,
+                r.headers,
+                r.created_at,
+                r.available_at,
+                r.attempts,
+                r.last_error,
+            )
+        })
+        .collect())
 }

@@ -1,11 +1,12 @@
-//! The relay's settle: record a batch's outcomes (and wake the deferred
-//! successors of what it deletes) in one round trip, and renew a lease.
+//! The relay's settle: record a batch's outcomes in one round trip and one
+//! transaction, and renew a lease.
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::AstPass;
-use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 
+use super::claim::Place;
 use super::micros;
 use super::prepared::{unknown_parameter, Binds, Prepared};
 use crate::event::EventId;
@@ -13,148 +14,170 @@ use crate::event::EventId;
 /// What became of one claimed event, for [`settle`].
 #[derive(Clone, Debug)]
 pub(crate) enum Verdict {
-    /// Acknowledged by its sink: delete it.
+    /// Acknowledged by its sink.
     Delivered,
     /// Failed: due again after the delay, with the error kept.
     Retry {
         delay: std::time::Duration,
         error: String,
     },
-    /// Never attempted (shutdown): back to the queue, the attempt undone.
+    /// Never attempted (shutdown, lease lost): back to the queue, the
+    /// attempt undone.
     Release,
+    /// Not attempted because an earlier event of its key in the same batch
+    /// failed: it waits behind that one.
+    Held,
     /// Permanent failure or attempts exhausted: move to the dead letters.
     Dead { error: String },
 }
 
+/// One claimed event's outcome.
+#[derive(Clone, Debug)]
+pub(crate) struct Settlement {
+    pub(crate) id: EventId,
+    pub(crate) place: Place,
+    pub(crate) verdict: Verdict,
+}
+
 #[derive(QueryableByName)]
 struct SettledId {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    #[diesel(sql_type = BigInt)]
     id: i64,
 }
 
-/// Settles a batch in one round trip and one transaction, through
-/// `outbox.settle` (migration 000004): deletes the delivered, reschedules
-/// retries, releases untried events, and moves dead ones to
-/// `outbox.dead_letters`; then, in a second statement of the same
-/// transaction, makes the next deferred event of every deleted keyed event
-/// due at once.
+/// The columns of a batch, as `outbox.settle` and `outbox.extend_lease`
+/// take them.
+struct Columns<'a> {
+    seqs: Vec<Option<i64>>,
+    txs: Vec<Option<i64>>,
+    ids: Vec<i64>,
+    kinds: Vec<&'static str>,
+    delays: Vec<i64>,
+    errors: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a [Settlement]) -> Self {
+        let mut columns = Columns {
+            seqs: Vec::with_capacity(batch.len()),
+            txs: Vec::with_capacity(batch.len()),
+            ids: Vec::with_capacity(batch.len()),
+            kinds: Vec::with_capacity(batch.len()),
+            delays: Vec::with_capacity(batch.len()),
+            errors: Vec::with_capacity(batch.len()),
+        };
+        for s in batch {
+            let (seq, tx) = match s.place {
+                Place::Log { tx } => (None, Some(tx)),
+                Place::Deliveries { seq } => (Some(seq), None),
+            };
+            let (kind, delay, error) = match &s.verdict {
+                Verdict::Delivered => ("delivered", 0, None),
+                Verdict::Retry { delay, error } => ("retry", micros(*delay), Some(error.as_str())),
+                Verdict::Release => ("release", 0, None),
+                Verdict::Held => ("held", 0, None),
+                Verdict::Dead { error } => ("dead", 0, Some(error.as_str())),
+            };
+            columns.seqs.push(seq);
+            columns.txs.push(tx);
+            columns.ids.push(s.id.0);
+            columns.kinds.push(kind);
+            columns.delays.push(delay);
+            columns.errors.push(error);
+        }
+        columns
+    }
+}
+
+/// Settles a batch through `outbox.settle` (migration 000005), in one
+/// transaction:
 ///
-/// Fencing: every branch requires `claim_token = token`, so a relay whose
-/// lease expired (and whose events another relay now holds) changes
-/// nothing. Returns the ids actually settled; the others were lost.
+/// - Log rows, fenced by the lane's token: the cursor moves past the
+///   batch, retries and held or released rows are copied to
+///   `outbox.deliveries` (in order, so a key's copies keep its order), dead
+///   ones go to `outbox.dead_letters`, and the lane's lease ends. If the
+///   token no longer holds the lane, none is settled.
+/// - `outbox.deliveries` rows, each fenced by the token: deleted,
+///   rescheduled, put back or moved to the dead letters; then, in a second
+///   statement (a new snapshot), the next row of every key whose head was
+///   deleted becomes due. A claim that parks rows behind a head holds `FOR
+///   KEY SHARE` on it, so the delete waits for that claim and the wake sees
+///   what it parked (docs/design.md §4).
 ///
-/// Why a second statement: a deferral holds `FOR KEY SHARE` on the event it
-/// defers behind until it commits, so deleting that event waits for it; the
-/// deleting statement keeps its older snapshot and cannot see the deferral,
-/// the next statement's snapshot can. Both commit together, so no relay
-/// crash or lost reply can leave a successor deferred behind a deleted
-/// event (docs/design.md §3).
+/// Returns the ids actually settled; the others were lost to another relay.
 pub(crate) fn settle(
     conn: &mut PgConnection,
+    subscription: &str,
     token: i64,
-    verdicts: &[(EventId, Verdict)],
+    lane: Option<i16>,
+    batch: &[Settlement],
 ) -> QueryResult<Vec<EventId>> {
-    let ids: Vec<i64> = verdicts.iter().map(|(id, _)| id.0).collect();
-    if verdicts
-        .iter()
-        .all(|(_, v)| matches!(v, Verdict::Delivered))
-    {
-        return settle_delivered(conn, token, &ids);
-    }
-    let mut kinds = Vec::with_capacity(verdicts.len());
-    let mut delays = Vec::with_capacity(verdicts.len());
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(verdicts.len());
-    for (_, verdict) in verdicts {
-        let (kind, delay, error) = match verdict {
-            Verdict::Delivered => ("delivered", 0, None),
-            Verdict::Retry { delay, error } => ("retry", micros(*delay), Some(error.as_str())),
-            Verdict::Release => ("release", 0, None),
-            Verdict::Dead { error } => ("dead", 0, Some(error.as_str())),
-        };
-        kinds.push(kind);
-        delays.push(delay);
-        errors.push(error);
-    }
     struct SettleBinds<'a> {
+        subscription: &'a str,
         token: i64,
-        ids: &'a [i64],
-        kinds: &'a [&'a str],
-        delays: &'a [i64],
-        errors: &'a [Option<&'a str>],
+        lane: Option<i32>,
+        columns: Columns<'a>,
     }
     impl Binds for SettleBinds<'_> {
         fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            let c = &self.columns;
             match n {
-                1 => out.push_bind_param::<BigInt, _>(&self.token),
-                2 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
-                3 => out.push_bind_param::<Array<Text>, _>(self.kinds),
-                4 => out.push_bind_param::<Array<BigInt>, _>(self.delays),
-                5 => out.push_bind_param::<Array<Nullable<Text>>, _>(self.errors),
+                1 => out.push_bind_param::<Text, _>(self.subscription),
+                2 => out.push_bind_param::<BigInt, _>(&self.token),
+                3 => out.push_bind_param::<Nullable<Integer>, _>(&self.lane),
+                4 => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&c.seqs),
+                5 => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&c.txs),
+                6 => out.push_bind_param::<Array<BigInt>, _>(&c.ids),
+                7 => out.push_bind_param::<Array<Text>, _>(&c.kinds),
+                8 => out.push_bind_param::<Array<BigInt>, _>(&c.delays),
+                9 => out.push_bind_param::<Array<Nullable<Text>>, _>(&c.errors),
                 _ => Err(unknown_parameter(n)),
             }
         }
     }
     struct SettleStatement;
     let settled: Vec<SettledId> = Prepared::<SettleStatement, _>::new(
-        "SELECT id FROM outbox.settle($1, $2, $3, $4, $5) AS s(id)",
+        "SELECT id FROM outbox.settle($1, $2, $3, $4, $5, $6, $7, $8, $9) AS s(id)",
         SettleBinds {
+            subscription,
             token,
-            ids: &ids,
-            kinds: &kinds,
-            delays: &delays,
-            errors: &errors,
+            lane: lane.map(i32::from),
+            columns: Columns::of(batch),
         },
     )
     .load(conn)?;
     Ok(settled.into_iter().map(|s| EventId(s.id)).collect())
 }
 
-/// The common case of [`settle`]: every event of the batch was delivered.
-/// `outbox.settle_delivered`: primary key deletes, fenced by the token, and
-/// the same wake of deferred successors in the same transaction.
-fn settle_delivered(conn: &mut PgConnection, token: i64, ids: &[i64]) -> QueryResult<Vec<EventId>> {
-    struct DeleteBinds<'a> {
-        token: i64,
-        ids: &'a [i64],
-    }
-    impl Binds for DeleteBinds<'_> {
-        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-            match n {
-                1 => out.push_bind_param::<BigInt, _>(&self.token),
-                2 => out.push_bind_param::<Array<BigInt>, _>(self.ids),
-                _ => Err(unknown_parameter(n)),
-            }
-        }
-    }
-    struct SettleDeliveredStatement;
-    let settled: Vec<SettledId> = Prepared::<SettleDeliveredStatement, _>::new(
-        "SELECT id FROM outbox.settle_delivered($1, $2) AS s(id)",
-        DeleteBinds { token, ids },
-    )
-    .load(conn)?;
-    Ok(settled.into_iter().map(|s| EventId(s.id)).collect())
-}
-
-/// Extends the lease of events still held under `token`, for deliveries
-/// that run long. Primary key lookups; fenced like [`settle`]. Returns the
-/// ids still held: an event missing from it was taken over by another relay.
+/// Extends the lease of a batch still held under `token`, for deliveries
+/// that run long: the lane's lease, and each `outbox.deliveries` row's.
+/// Returns the ids still held: an event missing from it was taken over by
+/// another relay.
 pub(crate) fn extend_lease(
     conn: &mut PgConnection,
+    subscription: &str,
     token: i64,
-    ids: &[EventId],
+    lane: Option<i16>,
+    batch: &[(EventId, Place)],
     lease: std::time::Duration,
 ) -> QueryResult<Vec<EventId>> {
-    let ids: Vec<i64> = ids.iter().map(|id| id.0).collect();
+    let mut log_ids = Vec::new();
+    let mut seqs = Vec::new();
+    for (id, place) in batch {
+        match place {
+            Place::Log { .. } => log_ids.push(id.0),
+            Place::Deliveries { seq } => seqs.push(*seq),
+        }
+    }
     let held: Vec<SettledId> = diesel::sql_query(
-        "UPDATE outbox.events
-            SET available_at = now() + $3 * interval '1 microsecond'
-          WHERE id = ANY($2)
-            AND claim_token = $1
-      RETURNING id",
+        "SELECT id FROM outbox.extend_lease($1, $2, $3, $4, $5, $6) AS s(id)",
     )
+    .bind::<Text, _>(subscription)
     .bind::<BigInt, _>(token)
-    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Nullable<Integer>, _>(lane.map(i32::from))
     .bind::<BigInt, _>(micros(lease))
+    .bind::<Array<BigInt>, _>(&log_ids)
+    .bind::<Array<BigInt>, _>(&seqs)
     .load(conn)?;
     Ok(held.into_iter().map(|s| EventId(s.id)).collect())
 }

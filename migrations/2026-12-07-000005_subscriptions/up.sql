@@ -1,0 +1,869 @@
+-- Subscriptions: every subscriber gets every event (docs/design.md §4).
+--
+-- outbox.events stops being a queue and becomes a log: publishers still
+-- INSERT into it, and nobody updates or deletes a row of it. Each named
+-- subscription reads it through its own cursors, in commit order, so an
+-- event costs one row whatever the number of subscribers. Rows are written
+-- per subscription only for what a cursor cannot hold: a retry, a delayed
+-- event, the events of a key queued behind one of those, and (for the
+-- default subscription) topics the reading relay does not route. Those live
+-- in outbox.deliveries, which is a small queue like the old outbox.events.
+--
+-- The log is split into 8 partitions by transaction id (2^14 xids each,
+-- used round-robin); a partition is TRUNCATEd once every cursor has passed
+-- it and no running transaction can still write to it (outbox.reclaim).
+--
+-- A cursor is a pair of snapshots, as in SkyTools' PgQ: everything visible
+-- in `lo` is settled; the window being read is what is visible in `hi` and
+-- not in `lo`, walked in (tx, id) order. A transaction that commits late is
+-- invisible in `hi` and so lands in a later window: never skipped, whatever
+-- its ids.
+--
+-- Existing data moves over: the queued, retrying and delayed events become
+-- rows of outbox.deliveries for the subscription `default` (what relays
+-- without a named subscription read), with their attempts, errors and due
+-- times; dead letters are the default subscription's.
+
+-- 1. Subscriptions ---------------------------------------------------------
+
+CREATE TABLE outbox.subscriptions (
+    name text PRIMARY KEY
+        CONSTRAINT subscriptions_name_valid
+        CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
+    -- As declared (route syntax: `order.approved`, `order.*`, `*`).
+    patterns text[] NOT NULL,
+    -- The same, compiled for SQL: every topic, exact names, LIKE prefixes.
+    all_topics boolean NOT NULL,
+    exact_topics text[] NOT NULL DEFAULT '{}',
+    like_topics text[] NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE outbox.subscriptions IS
+    'Named subscriptions: each receives every event of its topics committed after it was registered, with its own retries, order and dead letters. Written by relays and the CLI; see docs/schema.md.';
+COMMENT ON COLUMN outbox.subscriptions.patterns IS 'Topic patterns as declared: `order.approved`, `order.*`, `*`.';
+COMMENT ON COLUMN outbox.subscriptions.all_topics IS 'The patterns include `*`.';
+COMMENT ON COLUMN outbox.subscriptions.exact_topics IS 'The exact topics among the patterns.';
+COMMENT ON COLUMN outbox.subscriptions.like_topics IS 'The prefix patterns as LIKE patterns (`order.%`).';
+COMMENT ON COLUMN outbox.subscriptions.created_at IS 'When it was registered: it receives the events committed after this.';
+
+-- One cursor per (subscription, lane). A lane is the events whose key
+-- hashes to it (keyless events spread by id): one relay worker reads a lane
+-- at a time, under a lease, so a key's events are read in order; the 8
+-- lanes of a subscription are read in parallel.
+CREATE TABLE outbox.cursors (
+    subscription text NOT NULL REFERENCES outbox.subscriptions ON DELETE CASCADE,
+    lane smallint NOT NULL CONSTRAINT cursors_lane_valid CHECK (lane BETWEEN 0 AND 7),
+    -- The cluster these snapshots belong to: transaction ids start again
+    -- after a dump and restore into another cluster, and a claim refuses to
+    -- read with snapshots of another one (outbox.rebase).
+    system_identifier bigint NOT NULL,
+    lo pg_snapshot NOT NULL,
+    hi pg_snapshot NOT NULL,
+    -- Settled within the window up to this (tx, id).
+    pos_tx xid8 NOT NULL DEFAULT '0',
+    pos_id bigint NOT NULL DEFAULT 0,
+    -- The whole window is settled: the next claim opens the next one.
+    done boolean NOT NULL DEFAULT true,
+    -- The batch in flight: where it ends, and whether it used the window up.
+    batch_tx xid8,
+    batch_id bigint,
+    batch_done boolean,
+    claimed_by text,
+    token bigint,
+    lease_until timestamptz,
+    PRIMARY KEY (subscription, lane)
+);
+COMMENT ON TABLE outbox.cursors IS
+    'Where each lane of each subscription is in outbox.events: a pair of snapshots (settled: visible in lo, and in hi up to pos), and the lease of the relay reading it. Written by relays only.';
+
+-- 2. Deliveries the cursors cannot hold -------------------------------------
+
+CREATE TABLE outbox.deliveries (
+    subscription text NOT NULL REFERENCES outbox.subscriptions ON DELETE CASCADE,
+    -- Queue order: a key's rows are delivered in seq order, and only its
+    -- lowest seq (the head) may be claimed.
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    id bigint NOT NULL,
+    -- The publishing transaction (0 for events that never were in the log,
+    -- e.g. moved over from the old queue).
+    tx xid8 NOT NULL DEFAULT '0',
+    topic text COLLATE "C" NOT NULL,
+    key text,
+    payload jsonb NOT NULL,
+    headers jsonb NOT NULL,
+    created_at timestamptz NOT NULL,
+    -- Due time; while a relay holds the row, the end of its lease;
+    -- 'infinity' while it waits for the head of its key (settling the head
+    -- makes the next row due).
+    available_at timestamptz NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    last_error text,
+    reason text NOT NULL
+        CONSTRAINT deliveries_reason_valid
+        CHECK (reason IN ('retry', 'delayed', 'blocked', 'unrouted', 'queued', 'replayed')),
+    claimed_by text,
+    token bigint,
+    PRIMARY KEY (subscription, seq),
+    UNIQUE (subscription, tx, id)
+);
+COMMENT ON TABLE outbox.deliveries IS
+    'Per-subscription copies of events its cursor cannot hold: retries, delayed events, events waiting behind those of their key, unrouted and replayed events. Written by relays and replay only.';
+COMMENT ON COLUMN outbox.deliveries.reason IS
+    'Why the row exists: retry (a delivery failed), delayed (published with a future available_at), blocked (an earlier event of its key is here), unrouted (no relay routed its topic when read), queued (released unattempted, or moved from the old queue), replayed (a dead letter sent again).';
+
+CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription, available_at);
+CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, seq) WHERE key IS NOT NULL;
+CREATE INDEX deliveries_token_idx ON outbox.deliveries (token) WHERE token IS NOT NULL;
+
+-- A small queue table: vacuum after a fixed number of dead rows (see the
+-- first migration for why).
+ALTER TABLE outbox.deliveries SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0,
+    autovacuum_analyze_scale_factor = 0,
+    autovacuum_analyze_threshold = 1000
+);
+
+-- 3. The default subscription, and what the old queue held -------------------
+
+INSERT INTO outbox.subscriptions (name, patterns, all_topics)
+VALUES ('default', '{*}', true);
+
+INSERT INTO outbox.deliveries (subscription, id, topic, key, payload, headers, created_at,
+                               available_at, attempts, last_error, reason)
+SELECT 'default', e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
+       CASE
+           -- in flight with a relay that cannot settle it any more: due now
+           WHEN e.claim_token IS NOT NULL THEN now()
+           -- waiting for an earlier event of its key
+           WHEN e.deferred OR EXISTS (SELECT FROM outbox.events x
+                                       WHERE x.key = e.key AND x.id < e.id)
+                THEN 'infinity'
+           ELSE e.available_at
+       END,
+       e.attempts, e.last_error,
+       CASE
+           WHEN e.deferred OR EXISTS (SELECT FROM outbox.events x
+                                       WHERE x.key = e.key AND x.id < e.id) THEN 'blocked'
+           WHEN e.attempts > 0 AND e.last_error IS NOT NULL THEN 'retry'
+           WHEN e.available_at > now() AND e.claim_token IS NULL THEN 'delayed'
+           ELSE 'queued'
+       END
+  FROM outbox.events e
+ ORDER BY e.id;
+-- A blocked row whose head is not blocked itself: fine, the head rule holds
+-- it; but a key whose rows are all 'infinity' would wait for ever. The
+-- lowest row of each key is never blocked by the CASE above.
+
+ALTER TABLE outbox.dead_letters ADD COLUMN subscription text NOT NULL DEFAULT 'default'
+    REFERENCES outbox.subscriptions ON DELETE CASCADE;
+ALTER TABLE outbox.dead_letters ALTER COLUMN subscription DROP DEFAULT;
+ALTER TABLE outbox.dead_letters DROP CONSTRAINT dead_letters_pkey;
+ALTER TABLE outbox.dead_letters ADD PRIMARY KEY (subscription, id);
+COMMENT ON COLUMN outbox.dead_letters.subscription IS
+    'The subscription that gave up on the event; replay sends it to that subscription only.';
+CREATE INDEX dead_letters_id_idx ON outbox.dead_letters (id);
+
+-- Ids go on from where the old queue and the dead letters are.
+-- (The old sequence goes with the old table; ids of delivered events are
+-- never handed out again, since receivers deduplicate by id.)
+CREATE TABLE outbox.migration_next_id AS
+SELECT greatest((SELECT max(id) FROM outbox.events),
+                (SELECT max(id) FROM outbox.dead_letters),
+                (SELECT last_value FROM outbox.events_id_seq), 0) AS last_id;
+
+DROP TABLE outbox.events CASCADE;
+DROP FUNCTION outbox.settle(bigint, bigint[], text[], bigint[], text[]);
+DROP FUNCTION outbox.settle_delivered(bigint, bigint[]);
+DROP FUNCTION outbox.wake_deferred_successors(bigint[], text[]);
+
+-- 4. The log ---------------------------------------------------------------
+
+CREATE TABLE outbox.events (
+    -- BY DEFAULT: a publisher may choose ids, though nothing here needs it.
+    -- Not a primary key: a partitioned table's unique index must contain
+    -- the partition key. Ids come from the identity and stay unique.
+    id bigint GENERATED BY DEFAULT AS IDENTITY,
+    topic text COLLATE "C" NOT NULL
+        CONSTRAINT events_topic_valid
+        CHECK (topic <> '' AND octet_length(topic) <= 255 AND topic !~ '[[:cntrl:]]'),
+    key text,
+    payload jsonb NOT NULL,
+    headers jsonb NOT NULL DEFAULT '{}'
+        CONSTRAINT events_headers_string_map
+        CHECK (jsonb_typeof(headers) = 'object'
+               AND NOT jsonb_path_exists(headers, 'strict $.* ? (@.type() != "string")')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    available_at timestamptz NOT NULL DEFAULT now(),
+    -- The publishing transaction: commit order for the cursors.
+    tx xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    -- Which cursor of each subscription reads the event.
+    lane smallint GENERATED ALWAYS AS ((hashtext(coalesce(key, id::text)) & 7)::smallint) STORED
+) PARTITION BY LIST (((tx::text::bigint >> 14) & 7));
+
+DO $$
+BEGIN
+    FOR s IN 0..7 LOOP
+        EXECUTE format('CREATE TABLE outbox.events_%s PARTITION OF outbox.events FOR VALUES IN (%s)', s, s);
+        EXECUTE format('COMMENT ON TABLE outbox.events_%s IS %L', s,
+                       'A segment of outbox.events (transactions whose id >> 14 & 7 = ' || s
+                       || '); TRUNCATEd by outbox.reclaim once every subscription has passed it.');
+    END LOOP;
+END
+$$;
+
+SELECT setval(pg_get_serial_sequence('outbox.events', 'id'), last_id, last_id > 0)
+  FROM outbox.migration_next_id;
+DROP TABLE outbox.migration_next_id;
+
+COMMENT ON TABLE outbox.events IS
+    'The log of published events. Publish with INSERT (topic, payload[, key, headers, available_at]); rows are never updated, and are removed in bulk once every subscription has settled them. See docs/schema.md.';
+COMMENT ON COLUMN outbox.events.id IS
+    'Stable event id, assigned at insert. Every delivery carries it so receivers can deduplicate. Not commit order: ids of concurrent transactions commit out of order.';
+COMMENT ON COLUMN outbox.events.topic IS
+    'What happened, e.g. order.approved. Subscriptions select on it. 1 to 255 bytes, no control characters.';
+COMMENT ON COLUMN outbox.events.key IS
+    'Ordering key (an aggregate or customer id). Each subscription delivers the events of a key one at a time, in commit order; NULL means no ordering constraint.';
+COMMENT ON COLUMN outbox.events.payload IS
+    'The event body as JSON. Delivered verbatim. jsonb cannot hold the NUL character (\u0000).';
+COMMENT ON COLUMN outbox.events.headers IS
+    'A JSON object of string values (trace context, content type, ...) that sinks forward alongside the payload.';
+COMMENT ON COLUMN outbox.events.created_at IS
+    'When the event was written (transaction start time of the publisher).';
+COMMENT ON COLUMN outbox.events.available_at IS
+    'Not delivered before this time: set it in the future to delay delivery.';
+COMMENT ON COLUMN outbox.events.tx IS
+    'The publishing transaction (pg_current_xact_id()). Publishers never set it.';
+COMMENT ON COLUMN outbox.events.lane IS
+    'Which of the 8 cursors of each subscription reads the event: a hash of the key (of the id when keyless). Computed.';
+
+-- The cursors' reads: a lane's window is an index range in (tx, id) order.
+CREATE INDEX events_lane_tx_idx ON outbox.events (lane, tx, id);
+COMMENT ON INDEX outbox.events_lane_tx_idx IS
+    'Cursor order: a lane''s window is a range of (tx, id), so a claim reads O(batch) entries.';
+
+CREATE TRIGGER events_notify
+    AFTER INSERT ON outbox.events
+    FOR EACH STATEMENT
+    EXECUTE FUNCTION outbox.notify_events_inserted();
+COMMENT ON TRIGGER events_notify ON outbox.events IS
+    'Wakes relays on channel outbox_events. Poll-only mode: ALTER TABLE outbox.events DISABLE TRIGGER events_notify.';
+
+-- The default subscription starts here: the old queue's events are already
+-- in outbox.deliveries, and the log is empty.
+INSERT INTO outbox.cursors (subscription, lane, system_identifier, lo, hi)
+SELECT 'default', l, (SELECT system_identifier FROM pg_control_system()),
+       pg_current_snapshot(), pg_current_snapshot()
+  FROM generate_series(0, 7) l;
+
+-- 5. Registering and removing ---------------------------------------------
+
+-- Registers a subscription (or updates its patterns). A new one receives
+-- every event committed after this transaction's snapshot. Returns true
+-- when it was created.
+CREATE FUNCTION outbox.subscribe(p_name text, p_patterns text[], p_all boolean,
+                                 p_exact text[], p_like text[])
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO outbox.subscriptions (name, patterns, all_topics, exact_topics, like_topics)
+    VALUES (p_name, p_patterns, p_all, p_exact, p_like)
+        ON CONFLICT (name) DO NOTHING;
+    IF NOT FOUND THEN
+        UPDATE outbox.subscriptions
+           SET patterns = p_patterns, all_topics = p_all,
+               exact_topics = p_exact, like_topics = p_like
+         WHERE name = p_name
+           AND (patterns, all_topics, exact_topics, like_topics)
+               IS DISTINCT FROM (p_patterns, p_all, p_exact, p_like);
+        RETURN false;
+    END IF;
+    INSERT INTO outbox.cursors (subscription, lane, system_identifier, lo, hi)
+    SELECT p_name, l, (SELECT system_identifier FROM pg_control_system()),
+           pg_current_snapshot(), pg_current_snapshot()
+      FROM generate_series(0, 7) l;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION outbox.subscribe(text, text[], boolean, text[], text[]) IS
+    'Registers a subscription at the current snapshot, or updates its patterns. Returns true when created.';
+
+-- 6. Claiming --------------------------------------------------------------
+
+-- Whether a row of the log is still owed to a cursor: not settled by it.
+-- (Used by status queries; the claim reads windows directly.)
+CREATE FUNCTION outbox.owed(c outbox.cursors, e_tx xid8, e_id bigint)
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN NOT pg_visible_in_snapshot(e_tx, c.lo)
+       AND NOT (pg_visible_in_snapshot(e_tx, c.hi) AND (c.done OR (e_tx, e_id) <= (c.pos_tx, c.pos_id)))
+       AND e_tx < pg_snapshot_xmax(pg_current_snapshot())
+       AND pg_visible_in_snapshot(e_tx, pg_current_snapshot());
+COMMENT ON FUNCTION outbox.owed(outbox.cursors, xid8, bigint) IS
+    'Whether the committed log row (tx, id) is not yet settled by the cursor.';
+
+-- The claim: up to p_limit events for one relay worker, under one token.
+--
+-- * The window part: the first lane from p_lane on (round-robin) that is
+--   not leased and has committed rows beyond its position is leased, and
+--   its next rows are read in (tx, id) order. Rows of other topics are
+--   passed over. Rows that must wait are copied to outbox.deliveries
+--   instead of returned: delayed ones, ones of topics this relay does not
+--   route (p_all / p_exact / p_like; the subscription's own patterns are
+--   all routed for a named subscription), and every row of a key that has
+--   rows there already or a parked row earlier in the batch. The head row
+--   of such a key is locked FOR KEY SHARE, so a settle deleting it waits
+--   for this claim, and its wake (a later statement) sees what was parked.
+--   If nothing is left to deliver the position moves on at once;
+--   otherwise the batch's end is recorded and outbox.settle moves it.
+-- * The deliveries part: due head rows of keys (and keyless rows) of this
+--   subscription and topics, FOR NO KEY UPDATE SKIP LOCKED, leased with
+--   the same token.
+-- * When the batch is not full, one more row (id 0) says in how many
+--   microseconds the next deliveries row comes due.
+CREATE FUNCTION outbox.claim(p_subscription text, p_lane integer, p_relay text,
+                             p_limit integer, p_lease_us bigint,
+                             p_all boolean, p_exact text[], p_like text[])
+RETURNS TABLE (token bigint, lane smallint, seq bigint, tx bigint, id bigint, topic text,
+               key text, payload text, headers text, created_at timestamptz,
+               available_at timestamptz, attempts integer, last_error text,
+               next_due_in_us bigint)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+DECLARE
+    sub outbox.subscriptions;
+    c outbox.cursors;
+    tok bigint := nextval('outbox.claim_tokens');
+    lease interval := p_lease_us * interval '1 microsecond';
+    now_snap pg_snapshot := pg_current_snapshot();
+    got integer := 0;
+    read_n integer;
+    last_tx xid8;
+    last_id bigint;
+    retaken boolean;
+    lo_xip xid8[];
+    win outbox.events[];
+    opened boolean;
+    start_tx xid8;
+    start_id bigint;
+    l integer;
+BEGIN
+    SELECT * INTO sub FROM outbox.subscriptions s WHERE s.name = p_subscription;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'outbox: subscription "%" is not registered', p_subscription
+            USING ERRCODE = 'undefined_object';
+    END IF;
+
+    <<lanes>>
+    FOR i IN 0..7 LOOP
+        l := (greatest(p_lane, 0) + i) % 8;
+        -- A look without a lock first: an idle relay writes nothing.
+        SELECT * INTO c FROM outbox.cursors k WHERE k.subscription = p_subscription AND k.lane = l;
+        CONTINUE WHEN c.lease_until > now();
+        CONTINUE WHEN NOT EXISTS (
+            SELECT FROM outbox.events e
+             WHERE e.lane = l
+               AND (e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CASE WHEN c.done THEN c.hi ELSE c.lo END)))
+                    OR e.tx >= pg_snapshot_xmax(CASE WHEN c.done THEN c.hi ELSE c.lo END))
+               AND (c.done OR (e.tx, e.id) > (c.pos_tx, c.pos_id))
+               AND e.tx < pg_snapshot_xmax(now_snap)
+               AND pg_visible_in_snapshot(e.tx, now_snap));
+        SELECT * INTO c FROM outbox.cursors k
+         WHERE k.subscription = p_subscription AND k.lane = l
+           AND (k.lease_until IS NULL OR k.lease_until <= now())
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        IF c.system_identifier <> (SELECT system_identifier FROM pg_control_system()) THEN
+            RAISE EXCEPTION 'outbox: the cursors of subscription "%" were written by another PostgreSQL cluster (restored from a dump?); see docs/operations.md, "Restoring into another cluster"', p_subscription
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        -- A batch claimed before and never settled (its relay died or lost
+        -- the lease): rows it parked are parked already.
+        retaken := c.batch_tx IS NOT NULL;
+
+        -- Read windows until something is to be delivered, the log is used
+        -- up, or a few windows of other topics have been passed over.
+        FOR round IN 1..8 LOOP
+            opened := c.done;
+            IF c.done THEN
+                c.lo := c.hi;
+                c.hi := now_snap;
+                c.pos_tx := '0';
+                c.pos_id := 0;
+                c.done := false;
+            END IF;
+            lo_xip := ARRAY(SELECT pg_snapshot_xip(c.lo));
+            IF c.pos_tx >= pg_snapshot_xmax(c.lo) THEN
+                start_tx := c.pos_tx;
+                start_id := c.pos_id;
+            ELSE
+                start_tx := pg_snapshot_xmax(c.lo);
+                start_id := -1;
+            END IF;
+
+            -- The window's next rows, in (tx, id) order: the rows of
+            -- transactions running at lo (committed since), then the range
+            -- from lo's xmax (or the position) to hi's xmax.
+            SELECT coalesce(array_agg(x.u), '{}') INTO win
+              FROM (SELECT u
+                      FROM ((SELECT e AS u
+                               FROM outbox.events e
+                              WHERE e.lane = l AND e.tx = ANY (lo_xip)
+                                AND (e.tx, e.id) > (c.pos_tx, c.pos_id)
+                                AND pg_visible_in_snapshot(e.tx, c.hi)
+                              ORDER BY e.tx, e.id
+                              LIMIT p_limit)
+                            UNION ALL
+                            (SELECT e AS u
+                               FROM outbox.events e
+                              WHERE e.lane = l
+                                AND (e.tx, e.id) > (start_tx, start_id)
+                                AND e.tx < pg_snapshot_xmax(c.hi)
+                                AND pg_visible_in_snapshot(e.tx, c.hi)
+                              ORDER BY e.tx, e.id
+                              LIMIT p_limit)) w
+                     ORDER BY (u).tx, (u).id
+                     LIMIT p_limit) x;
+            read_n := cardinality(win);
+
+            IF read_n = 0 THEN
+                -- The window is used up; a fresh one that is empty means
+                -- the lane is (the probe raced with nothing: same snapshot).
+                c.done := true;
+                EXIT WHEN opened;
+                CONTINUE;
+            END IF;
+            last_tx := (win[read_n]).tx;
+            last_id := (win[read_n]).id;
+
+            RETURN QUERY
+            WITH mine AS (
+                SELECT w.* FROM unnest(win) w
+                 WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
+                        OR w.topic LIKE ANY (sub.like_topics))
+                   AND (NOT retaken OR NOT EXISTS (
+                            SELECT FROM outbox.deliveries d
+                             WHERE d.subscription = p_subscription AND d.tx = w.tx AND d.id = w.id))
+            ), waiting_keys AS (
+                SELECT k.key
+                  FROM (SELECT DISTINCT m.key FROM mine m WHERE m.key IS NOT NULL) k
+                 CROSS JOIN LATERAL (
+                       SELECT 1 FROM outbox.deliveries d
+                        WHERE d.subscription = p_subscription AND d.key = k.key
+                        ORDER BY d.seq
+                        LIMIT 1
+                          FOR KEY SHARE) head
+            ), judged AS (
+                SELECT m.*,
+                       m.available_at > now() AS delayed,
+                       NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like)) AS unrouted,
+                       m.key IN (SELECT wk.key FROM waiting_keys wk) AS behind
+                  FROM mine m
+            ), placed AS (
+                SELECT j.*,
+                       j.delayed OR j.unrouted OR (j.key IS NOT NULL AND bool_or(j.delayed OR j.unrouted OR j.behind)
+                           OVER (PARTITION BY j.key ORDER BY j.tx, j.id)) AS park
+                  FROM judged j
+            ), parked AS (
+                INSERT INTO outbox.deliveries AS d
+                       (subscription, id, tx, topic, key, payload, headers, created_at,
+                        available_at, reason)
+                SELECT p_subscription, p.id, p.tx, p.topic, p.key, p.payload, p.headers, p.created_at,
+                       CASE WHEN p.delayed THEN p.available_at
+                            WHEN p.unrouted THEN now()
+                            ELSE 'infinity' END,
+                       CASE WHEN p.delayed THEN 'delayed'
+                            WHEN p.unrouted THEN 'unrouted'
+                            ELSE 'blocked' END
+                  FROM placed p
+                 WHERE p.park
+                 ORDER BY p.tx, p.id
+                    ON CONFLICT (subscription, tx, id) DO NOTHING
+            )
+            SELECT tok, l::smallint, NULL::bigint, p.tx::text::bigint, p.id, p.topic::text, p.key,
+                   p.payload::text, p.headers::text, p.created_at, now() + lease, 1, NULL::text,
+                   NULL::bigint
+              FROM placed p
+             WHERE NOT p.park
+             ORDER BY p.tx, p.id;
+            GET DIAGNOSTICS got = ROW_COUNT;
+
+            IF got > 0 THEN
+                UPDATE outbox.cursors k
+                   SET lo = c.lo, hi = c.hi, pos_tx = c.pos_tx, pos_id = c.pos_id, done = c.done,
+                       batch_tx = last_tx, batch_id = last_id, batch_done = read_n < p_limit,
+                       claimed_by = p_relay, token = tok, lease_until = now() + lease
+                 WHERE k.subscription = p_subscription AND k.lane = l;
+                EXIT lanes;
+            END IF;
+            -- Nothing of the batch to deliver: settled as read.
+            c.pos_tx := last_tx;
+            c.pos_id := last_id;
+            c.done := read_n < p_limit;
+        END LOOP;
+        -- Passed over, parked or used up without a delivery: record where
+        -- the cursor is. (Only a lane the probe found work in gets here.)
+        UPDATE outbox.cursors k
+           SET lo = c.lo, hi = c.hi, pos_tx = c.pos_tx, pos_id = c.pos_id, done = c.done,
+               batch_tx = NULL, batch_id = NULL, batch_done = NULL,
+               claimed_by = NULL, token = NULL, lease_until = NULL
+         WHERE k.subscription = p_subscription AND k.lane = l;
+    END LOOP;
+
+    IF got < p_limit THEN
+        RETURN QUERY
+        WITH heads AS (
+            SELECT d.seq
+              FROM outbox.deliveries d
+             WHERE d.subscription = p_subscription
+               AND d.available_at <= now()
+               AND (p_all OR d.topic = ANY (p_exact) OR d.topic LIKE ANY (p_like))
+               AND (d.key IS NULL OR NOT EXISTS (
+                        SELECT FROM outbox.deliveries x
+                         WHERE x.subscription = d.subscription AND x.key = d.key AND x.seq < d.seq))
+             ORDER BY d.available_at, d.seq
+             LIMIT p_limit - got
+               FOR NO KEY UPDATE SKIP LOCKED
+        )
+        UPDATE outbox.deliveries d
+           SET attempts = d.attempts + 1,
+               available_at = now() + lease,
+               claimed_by = p_relay,
+               token = tok
+          FROM heads h
+         WHERE d.subscription = p_subscription AND d.seq = h.seq
+        RETURNING tok, NULL::smallint, d.seq, d.tx::text::bigint, d.id, d.topic::text, d.key,
+                  d.payload::text, d.headers::text, d.created_at, d.available_at, d.attempts,
+                  d.last_error, NULL::bigint;
+        GET DIAGNOSTICS read_n = ROW_COUNT;
+        got := got + read_n;
+    END IF;
+
+    IF got < p_limit THEN
+        RETURN QUERY
+        SELECT 0::bigint, NULL::smallint, NULL::bigint, NULL::bigint, 0::bigint, ''::text,
+               NULL::text, ''::text, ''::text, now(), now(), 0, NULL::text,
+               ceil(extract(epoch FROM n.available_at - now()) * 1e6)::bigint
+          FROM (SELECT d.available_at
+                  FROM outbox.deliveries d
+                 WHERE d.subscription = p_subscription
+                   AND d.available_at > now() AND d.available_at < 'infinity'
+                   AND (p_all OR d.topic = ANY (p_exact) OR d.topic LIKE ANY (p_like))
+                 ORDER BY d.available_at
+                 LIMIT 1) n;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION outbox.claim(text, integer, text, integer, bigint, boolean, text[], text[]) IS
+    'A relay worker claims a batch of a subscription: the next rows of one leased lane of the log, and due rows of outbox.deliveries, under one fencing token.';
+
+-- 7. Settling --------------------------------------------------------------
+
+-- Makes the next row of each key due, for keys whose head was just deleted
+-- from outbox.deliveries (delivered or dead). Called in a statement after
+-- the delete, so it sees every row a claim parked behind the head while
+-- the delete waited for that claim's FOR KEY SHARE lock.
+CREATE FUNCTION outbox.wake_next_of_keys(p_subscription text, done_keys text[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF done_keys IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE outbox.deliveries d
+       SET available_at = now()
+      FROM (SELECT DISTINCT k FROM unnest(done_keys) k) done(key)
+     WHERE d.subscription = p_subscription
+       AND d.seq = (SELECT min(x.seq) FROM outbox.deliveries x
+                     WHERE x.subscription = p_subscription AND x.key = done.key)
+       AND d.available_at = 'infinity';
+END
+$$;
+COMMENT ON FUNCTION outbox.wake_next_of_keys(text, text[]) IS
+    'Makes the new head of each key due when it was waiting behind the one just settled.';
+
+-- The settle of one claimed batch, in one transaction. Each item is a log
+-- row (seq NULL; tx, id) or a deliveries row (seq), with its verdict:
+-- delivered, retry (delay, error), dead (error), release (put back
+-- unattempted), held (not attempted: an earlier event of its key in the
+-- batch failed).
+-- * Log rows, fenced by the lane's token: retries and held or released
+--   rows are copied to outbox.deliveries, in order, dead ones to
+--   outbox.dead_letters; the cursor moves past the batch and the lane's
+--   lease ends. If the token is gone (another relay took the lane over),
+--   none of them is settled: the other relay reads them again.
+-- * Deliveries rows, each fenced by the token: deleted, rescheduled, put
+--   back or moved to the dead letters; the next rows of the keys deleted
+--   are woken.
+-- Returns the ids settled.
+CREATE FUNCTION outbox.settle(p_subscription text, p_token bigint, p_lane integer,
+                              seqs bigint[], txs bigint[], ids bigint[], verdicts text[],
+                              delays_us bigint[], errors text[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c outbox.cursors;
+    settled bigint[] := '{}';
+    done_keys text[];
+BEGIN
+    IF p_lane IS NOT NULL THEN
+        SELECT * INTO c FROM outbox.cursors k
+         WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token
+           FOR UPDATE;
+        IF FOUND THEN
+            WITH item AS (
+                SELECT x.tx::text::xid8 AS tx, x.id, x.verdict, x.delay_us, x.error, x.n
+                  FROM unnest(seqs, txs, ids, verdicts, delays_us, errors)
+                       WITH ORDINALITY AS x(seq, tx, id, verdict, delay_us, error, n)
+                 WHERE x.seq IS NULL
+            ), copied AS (
+                INSERT INTO outbox.deliveries AS d
+                       (subscription, id, tx, topic, key, payload, headers, created_at,
+                        available_at, attempts, last_error, reason)
+                SELECT p_subscription, e.id, e.tx, e.topic, e.key, e.payload, e.headers, e.created_at,
+                       CASE i.verdict
+                           WHEN 'retry' THEN now() + i.delay_us * interval '1 microsecond'
+                           WHEN 'held' THEN 'infinity'
+                           ELSE now() END,
+                       CASE WHEN i.verdict = 'retry' THEN 1 ELSE 0 END,
+                       i.error,
+                       CASE i.verdict WHEN 'retry' THEN 'retry' WHEN 'held' THEN 'blocked'
+                                      ELSE 'queued' END
+                  FROM item i
+                  JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
+                 WHERE i.verdict IN ('retry', 'held', 'release')
+                 ORDER BY e.tx, e.id
+                    ON CONFLICT (subscription, tx, id) DO NOTHING
+            ), buried AS (
+                INSERT INTO outbox.dead_letters
+                       (subscription, id, topic, key, payload, headers, created_at, attempts,
+                        last_error)
+                SELECT p_subscription, e.id, e.topic, e.key, e.payload, e.headers, e.created_at, 1,
+                       i.error
+                  FROM item i
+                  JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
+                 WHERE i.verdict = 'dead'
+                    ON CONFLICT (subscription, id) DO UPDATE
+                   SET topic = excluded.topic, key = excluded.key, payload = excluded.payload,
+                       headers = excluded.headers, created_at = excluded.created_at,
+                       attempts = excluded.attempts, last_error = excluded.last_error,
+                       failed_at = now()
+            )
+            SELECT coalesce(array_agg(i.id ORDER BY i.n), '{}') INTO settled FROM item i;
+            UPDATE outbox.cursors k
+               SET pos_tx = c.batch_tx, pos_id = c.batch_id, done = c.batch_done,
+                   batch_tx = NULL, batch_id = NULL, batch_done = NULL,
+                   claimed_by = NULL, token = NULL, lease_until = NULL
+             WHERE k.subscription = p_subscription AND k.lane = p_lane;
+        END IF;
+    END IF;
+
+    WITH item AS (
+        SELECT x.seq, x.verdict, x.delay_us, x.error
+          FROM unnest(seqs, verdicts, delays_us, errors) AS x(seq, verdict, delay_us, error)
+         WHERE x.seq IS NOT NULL
+    ), delivered AS (
+        DELETE FROM outbox.deliveries d
+         USING item i
+         WHERE d.subscription = p_subscription AND d.seq = i.seq AND d.token = p_token
+           AND i.verdict = 'delivered'
+     RETURNING d.id, d.key
+    ), retried AS (
+        UPDATE outbox.deliveries d
+           SET available_at = now() + i.delay_us * interval '1 microsecond',
+               last_error = i.error, reason = 'retry', token = NULL
+          FROM item i
+         WHERE d.subscription = p_subscription AND d.seq = i.seq AND d.token = p_token
+           AND i.verdict = 'retry'
+     RETURNING d.id
+    ), released AS (
+        UPDATE outbox.deliveries d
+           SET available_at = CASE WHEN i.verdict = 'held' THEN 'infinity' ELSE now() END,
+               attempts = greatest(d.attempts - 1, 0), token = NULL
+          FROM item i
+         WHERE d.subscription = p_subscription AND d.seq = i.seq AND d.token = p_token
+           AND i.verdict IN ('release', 'held')
+     RETURNING d.id
+    ), died AS (
+        DELETE FROM outbox.deliveries d
+         USING item i
+         WHERE d.subscription = p_subscription AND d.seq = i.seq AND d.token = p_token
+           AND i.verdict = 'dead'
+     RETURNING d.id, d.topic, d.key, d.payload, d.headers, d.created_at, d.attempts, i.error
+    ), buried AS (
+        INSERT INTO outbox.dead_letters
+               (subscription, id, topic, key, payload, headers, created_at, attempts, last_error)
+        SELECT p_subscription, died.* FROM died
+            ON CONFLICT (subscription, id) DO UPDATE
+           SET topic = excluded.topic, key = excluded.key, payload = excluded.payload,
+               headers = excluded.headers, created_at = excluded.created_at,
+               attempts = excluded.attempts, last_error = excluded.last_error,
+               failed_at = now()
+     RETURNING id
+    )
+    SELECT settled || coalesce((SELECT array_agg(s.id) FROM (
+                SELECT id FROM delivered UNION ALL SELECT id FROM retried
+                UNION ALL SELECT id FROM released UNION ALL SELECT id FROM buried) s), '{}'),
+           (SELECT array_agg(k.key) FROM (
+                SELECT key FROM delivered UNION ALL SELECT key FROM died) k
+             WHERE k.key IS NOT NULL)
+      INTO settled, done_keys;
+    -- A new statement, so a new snapshot: it sees every row a claim parked
+    -- behind a deleted head while the delete waited for its lock.
+    PERFORM outbox.wake_next_of_keys(p_subscription, done_keys);
+    RETURN QUERY SELECT unnest(settled);
+END
+$$;
+COMMENT ON FUNCTION outbox.settle(text, bigint, integer, bigint[], bigint[], bigint[], text[], bigint[], text[]) IS
+    'A relay settles a claimed batch: moves the lane''s cursor past it (copying retries, held and released rows to outbox.deliveries and dead ones to outbox.dead_letters) and settles the deliveries rows, all fenced by the claim''s token, then wakes the next rows of the keys settled.';
+
+-- Renews the lease of a batch: the lane (if the token still holds it) and
+-- the deliveries rows that still carry the token. Returns the ids still
+-- held: the log rows given when the lane is held, and the deliveries rows'.
+CREATE FUNCTION outbox.extend_lease(p_subscription text, p_token bigint, p_lane integer,
+                                    p_lease_us bigint, log_ids bigint[], seqs bigint[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_lane IS NOT NULL THEN
+        UPDATE outbox.cursors k
+           SET lease_until = now() + p_lease_us * interval '1 microsecond'
+         WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token;
+        IF FOUND THEN
+            RETURN QUERY SELECT unnest(log_ids);
+        END IF;
+    END IF;
+    RETURN QUERY
+    UPDATE outbox.deliveries d
+       SET available_at = now() + p_lease_us * interval '1 microsecond'
+     WHERE d.subscription = p_subscription AND d.seq = ANY (seqs) AND d.token = p_token
+    RETURNING d.id;
+END
+$$;
+COMMENT ON FUNCTION outbox.extend_lease(text, bigint, integer, bigint, bigint[], bigint[]) IS
+    'Renews the lease of a claimed batch; returns the ids still held.';
+
+-- 8. Storage in bulk -------------------------------------------------------
+
+-- Segment s holds the xid ranges r (r = xid >> 14) with r & 7 = s. Once
+-- the newest such range is below every cursor's lo (its xmin) and below
+-- the oldest running transaction, every row of s is settled by every
+-- subscription and nobody can still write there: TRUNCATE it. Lanes with
+-- nothing to read are moved to the present first, so an idle lane does
+-- not hold storage back. Never waits for a lock: a segment that is being
+-- read is left for the next call. Returns the segments truncated.
+CREATE FUNCTION outbox.reclaim()
+RETURNS SETOF integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    snap pg_snapshot := pg_current_snapshot();
+    horizon bigint;
+    cur_range bigint := pg_snapshot_xmax(snap)::text::bigint >> 14;
+    newest bigint;
+BEGIN
+    -- Idle lanes: nothing committed beyond their window.
+    UPDATE outbox.cursors k
+       SET lo = snap, hi = snap, pos_tx = '0', pos_id = 0, done = true
+      FROM (SELECT c.subscription, c.lane FROM outbox.cursors c
+             WHERE c.done AND c.token IS NULL
+               AND pg_snapshot_xmax(c.hi) < pg_snapshot_xmax(snap)
+               AND NOT EXISTS (
+                       SELECT FROM outbox.events e
+                        WHERE e.lane = c.lane
+                          AND (e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(c.hi)))
+                               OR e.tx >= pg_snapshot_xmax(c.hi))
+                          AND e.tx < pg_snapshot_xmax(snap))
+               FOR UPDATE SKIP LOCKED) idle
+     WHERE k.subscription = idle.subscription AND k.lane = idle.lane;
+
+    horizon := least((SELECT min(pg_snapshot_xmin(c.lo)::text::bigint) FROM outbox.cursors c),
+                     pg_snapshot_xmin(snap)::text::bigint);
+    IF horizon IS NULL THEN
+        horizon := pg_snapshot_xmin(snap)::text::bigint;
+    END IF;
+    FOR s IN 0..7 LOOP
+        newest := cur_range - ((cur_range - s) & 7);
+        CONTINUE WHEN newest >= cur_range OR ((newest + 1) << 14) > horizon;
+        CONTINUE WHEN NOT EXISTS (SELECT FROM outbox.events e
+                                   WHERE ((e.tx::text::bigint >> 14) & 7) = s);
+        BEGIN
+            EXECUTE format('LOCK TABLE outbox.events_%s IN ACCESS EXCLUSIVE MODE NOWAIT', s);
+            EXECUTE format('TRUNCATE outbox.events_%s', s);
+            RETURN NEXT s;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- being read: next time
+        END;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION outbox.reclaim() IS
+    'Moves idle cursors to the present and TRUNCATEs every segment of outbox.events that all subscriptions have passed. Never waits for a lock.';
+
+-- After a restore into another cluster, transaction ids start again and
+-- the cursors' snapshots mean nothing (new events would look long settled).
+-- outbox.rebase() takes the safe way, at least once: every event still in
+-- the log is queued again for every subscription in outbox.deliveries
+-- (receivers deduplicate by id), the log is emptied, and every cursor
+-- starts again at the current snapshot. Publishers wait while it runs.
+CREATE FUNCTION outbox.rebase()
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    LOCK TABLE outbox.events IN EXCLUSIVE MODE;
+    INSERT INTO outbox.deliveries (subscription, id, topic, key, payload, headers, created_at,
+                                   available_at, reason)
+    SELECT s.name, e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
+           e.available_at, 'queued'
+      FROM outbox.subscriptions s
+     CROSS JOIN outbox.events e
+     WHERE s.all_topics OR e.topic = ANY (s.exact_topics) OR e.topic LIKE ANY (s.like_topics)
+     ORDER BY s.name, e.tx, e.id
+        ON CONFLICT (subscription, tx, id) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    TRUNCATE outbox.events;
+    UPDATE outbox.cursors
+       SET system_identifier = (SELECT system_identifier FROM pg_control_system()),
+           lo = pg_current_snapshot(), hi = pg_current_snapshot(), done = true,
+           pos_tx = '0', pos_id = 0, batch_tx = NULL, batch_id = NULL, batch_done = NULL,
+           claimed_by = NULL, token = NULL, lease_until = NULL;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION outbox.rebase() IS
+    'After a restore into another cluster: queues every event still in the log again for every subscription and restarts the cursors. Duplicates, never loss.';
+
+-- 9. What each subscription still owes -------------------------------------
+
+-- One row per (subscription, event) not yet delivered or dead-lettered:
+-- the rows of outbox.deliveries, and the committed log rows the cursors
+-- have not settled. For operators and tests; it reads every lane's
+-- unsettled part of the log, so it is not for hot paths.
+CREATE VIEW outbox.pending AS
+SELECT d.subscription, d.id, d.topic, d.key, d.payload, d.headers, d.created_at,
+       d.available_at, d.attempts, d.last_error, d.reason AS state,
+       d.token IS NOT NULL AND d.available_at > now() AS in_flight
+  FROM outbox.deliveries d
+UNION ALL
+SELECT c.subscription, e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
+       e.available_at, 0, NULL, 'unread',
+       c.token IS NOT NULL AND c.lease_until > now()
+           AND pg_visible_in_snapshot(e.tx, c.hi) AND (e.tx, e.id) <= (c.batch_tx, c.batch_id)
+  FROM outbox.cursors c
+  JOIN outbox.subscriptions s ON s.name = c.subscription
+  JOIN outbox.events e ON e.lane = c.lane AND e.tx >= pg_snapshot_xmin(c.lo)
+ WHERE outbox.owed(c, e.tx, e.id)
+   AND (s.all_topics OR e.topic = ANY (s.exact_topics) OR e.topic LIKE ANY (s.like_topics))
+   AND NOT EXISTS (SELECT FROM outbox.deliveries d
+                    WHERE d.subscription = c.subscription AND d.tx = e.tx AND d.id = e.id);
+COMMENT ON VIEW outbox.pending IS
+    'Every (subscription, event) not yet delivered or dead-lettered: rows of outbox.deliveries (state = their reason) and unread log rows (state = unread).';
