@@ -1,6 +1,7 @@
-//! Operating the outbox: queue status, and the dead letters an operator
-//! lists, inspects, replays or purges. The `outbox` command is built on
-//! these; programs can call them directly.
+//! Operating the outbox: what the subscriptions still owe, the
+//! subscriptions themselves, and the dead letters an operator lists,
+//! inspects, replays or purges. The `outbox` command is built on these;
+//! programs can call them directly.
 
 use chrono::{DateTime, Utc};
 use diesel::PgConnection;
@@ -10,7 +11,8 @@ use crate::error::Result;
 use crate::event::{EventId, Headers};
 use crate::store;
 
-/// Counts of the queue, overall and per topic. From [`status`].
+/// Counts of what is owed, overall and per topic. From [`status`]. An
+/// event counts once per subscription that still owes it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct Status {
@@ -32,10 +34,11 @@ pub struct TopicStatus {
     pub counts: QueueCounts,
 }
 
-/// What the queue holds. Every undelivered event is `pending`, and is
-/// exactly one of `due_now`, `scheduled` or `in_flight`; `retrying` counts
-/// the pending events that failed at least once and wait for their next
-/// attempt.
+/// What is owed. Every (subscription, event) not yet delivered nor dead is
+/// `pending`, and is exactly one of `due_now`, `scheduled` (delayed,
+/// backing off, or waiting behind an earlier event of its key) or
+/// `in_flight`; `retrying` counts the pending ones that failed at least
+/// once and wait for their next attempt.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct QueueCounts {
@@ -58,9 +61,9 @@ pub struct QueueCounts {
     pub next_scheduled_in_seconds: Option<f64>,
 }
 
-/// The state of the queue now. Reads the whole `outbox.events` table once
-/// (and the dead letters once): cheap for a healthy queue, proportional to
-/// the backlog otherwise.
+/// What the subscriptions owe now (`outbox.pending`). Reads the unsettled
+/// part of the log once (and the dead letters once): cheap for relays that
+/// keep up, proportional to the backlog otherwise.
 ///
 /// ```no_run
 /// # let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;
@@ -71,7 +74,16 @@ pub struct QueueCounts {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn status(conn: &mut PgConnection) -> Result<Status> {
-    let rows = store::status_by_topic(conn)?;
+    status_of(conn, None)
+}
+
+/// What one subscription owes, as [`status`] counts it for all of them.
+pub fn subscription_status(conn: &mut PgConnection, subscription: &str) -> Result<Status> {
+    status_of(conn, Some(subscription))
+}
+
+fn status_of(conn: &mut PgConnection, subscription: Option<&str>) -> Result<Status> {
+    let rows = store::status_by_topic(conn, subscription)?;
     let mut status = Status::default();
     for row in rows {
         let counts = QueueCounts {
@@ -113,10 +125,12 @@ pub fn status(conn: &mut PgConnection) -> Result<Status> {
     Ok(status)
 }
 
-/// An event in `outbox.dead_letters`.
+/// An event in `outbox.dead_letters`: one subscription gave up on it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct DeadLetter {
+    /// The subscription that gave up on it (replay sends it back there).
+    pub subscription: String,
     /// The event id (kept on replay).
     pub id: EventId,
     /// The topic.
@@ -150,52 +164,71 @@ pub enum Selection {
     All,
 }
 
-/// Lists dead letters, most recent failure first: optionally of one topic,
-/// optionally only those that failed at or after `since`, at most `limit`.
+/// Lists dead letters, most recent failure first: optionally of one
+/// subscription, optionally of one topic, optionally only those that
+/// failed at or after `since`, at most `limit`.
 pub fn dead_letters(
     conn: &mut PgConnection,
+    subscription: Option<&str>,
     topic: Option<&str>,
     since: Option<DateTime<Utc>>,
     limit: u32,
 ) -> Result<Vec<DeadLetter>> {
-    store::list_dead_letters(conn, topic, since, i64::from(limit))?
+    store::list_dead_letters(conn, subscription, topic, since, i64::from(limit))?
         .into_iter()
         .map(store::DeadLetterRow::into_dead_letter)
         .collect()
 }
 
-/// One dead letter, payload and headers included; `None` if there is no
-/// dead letter with that id.
-pub fn dead_letter(conn: &mut PgConnection, id: EventId) -> Result<Option<DeadLetter>> {
-    store::get_dead_letter(conn, id)?
+/// The dead letters of event `id`, payload and headers included: one per
+/// subscription that gave up on it (only `subscription`'s, if given), by
+/// subscription name; empty if there is none.
+pub fn dead_letter(
+    conn: &mut PgConnection,
+    subscription: Option<&str>,
+    id: EventId,
+) -> Result<Vec<DeadLetter>> {
+    store::get_dead_letter(conn, subscription, id)?
+        .into_iter()
         .map(store::DeadLetterRow::into_dead_letter)
-        .transpose()
+        .collect()
 }
 
-/// How many dead letters `selection` takes, without changing anything (a
-/// dry run of replay or purge).
-pub fn count_dead_letters(conn: &mut PgConnection, selection: &Selection) -> Result<u64> {
-    Ok(store::count_dead_letters(conn, selection)?)
+/// How many dead letters `selection` takes (of `subscription` only, if
+/// given), without changing anything (a dry run of replay or purge).
+pub fn count_dead_letters(
+    conn: &mut PgConnection,
+    subscription: Option<&str>,
+    selection: &Selection,
+) -> Result<u64> {
+    Ok(store::count_dead_letters(conn, subscription, selection)?)
 }
 
-/// Moves the selected dead letters back into the queue, due now, with their
-/// **same id** (receivers deduplicate on it), attempts reset to 0 and the
-/// last error kept for reference. Works in transactions of `batch_size`
-/// events (at least 1), calling `progress` with the running total after
-/// each; returns how many were replayed.
+/// Sends the selected dead letters (of `subscription` only, if given)
+/// back to the subscription that gave up on them, and to no other: due
+/// now, with their **same id** (receivers deduplicate on it), attempts
+/// reset to 0 and the last error kept for reference. Works in transactions
+/// of `batch_size` events (at least 1), calling `progress` with the
+/// running total after each; returns how many were replayed.
 ///
-/// A replayed event is an earlier id of its key than the events published
-/// since: later events of its key wait until it is delivered (or dies
-/// again), which keeps the key's order from here on.
+/// A replayed event goes behind what its key has waiting in that
+/// subscription (a retry, events held behind it); a key with nothing
+/// waiting delivers it next to the events it is reading from the log.
 pub fn replay_dead_letters(
     conn: &mut PgConnection,
+    subscription: Option<&str>,
     selection: &Selection,
     batch_size: u32,
     mut progress: impl FnMut(u64),
 ) -> Result<u64> {
     let mut total = 0;
     loop {
-        let moved = store::replay_dead_letters(conn, selection, i64::from(batch_size.max(1)))?;
+        let moved = store::replay_dead_letters(
+            conn,
+            subscription,
+            selection,
+            i64::from(batch_size.max(1)),
+        )?;
         if moved == 0 {
             return Ok(total);
         }
@@ -204,7 +237,64 @@ pub fn replay_dead_letters(
     }
 }
 
-/// Deletes the selected dead letters for good; returns how many.
-pub fn purge_dead_letters(conn: &mut PgConnection, selection: &Selection) -> Result<u64> {
-    Ok(store::purge_dead_letters(conn, selection)?)
+/// Deletes the selected dead letters (of `subscription` only, if given)
+/// for good; returns how many.
+pub fn purge_dead_letters(
+    conn: &mut PgConnection,
+    subscription: Option<&str>,
+    selection: &Selection,
+) -> Result<u64> {
+    Ok(store::purge_dead_letters(conn, subscription, selection)?)
+}
+
+/// A registered subscription and what it owes. From [`subscriptions`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct SubscriptionStatus {
+    /// Its name.
+    pub name: String,
+    /// Its topic patterns, as declared (`order.*`).
+    pub patterns: Vec<String>,
+    /// When it was registered: it receives the events committed after.
+    pub created_at: DateTime<Utc>,
+    /// Events it has not yet delivered nor dead-lettered.
+    pub pending: i64,
+    /// Age in seconds of its oldest pending event: its lag.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// Its dead letters.
+    pub dead_letters: i64,
+}
+
+/// Every registered subscription, by name, with what it owes. Reads the
+/// unsettled part of the log: an operator's query.
+///
+/// ```no_run
+/// # let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;
+/// for sub in outbox::subscriptions(&mut conn)? {
+///     if sub.oldest_pending_age_seconds.unwrap_or(0.0) > 3600.0 {
+///         eprintln!("{} is an hour behind ({} pending)", sub.name, sub.pending);
+///     }
+/// }
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub fn subscriptions(conn: &mut PgConnection) -> Result<Vec<SubscriptionStatus>> {
+    Ok(store::list_subscriptions(conn)?
+        .into_iter()
+        .map(|row| SubscriptionStatus {
+            name: row.name,
+            patterns: row.patterns,
+            created_at: row.created_at,
+            pending: row.pending,
+            oldest_pending_age_seconds: row.oldest_age_seconds,
+            dead_letters: row.dead_letters,
+        })
+        .collect())
+}
+
+/// Removes a subscription: what it still owes and its dead letters are
+/// dropped, and the log's storage it held back is reclaimed by the next
+/// relay housekeeping. Returns whether it existed. A relay still serving
+/// it registers it again (from that moment on): stop those relays first.
+pub fn remove_subscription(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    Ok(store::remove_subscription(conn, name)?)
 }

@@ -104,8 +104,9 @@ mod store;
 mod transaction;
 
 pub use admin::{
-    count_dead_letters, dead_letter, dead_letters, purge_dead_letters, replay_dead_letters, status,
-    DeadLetter, QueueCounts, Selection, Status, TopicStatus,
+    count_dead_letters, dead_letter, dead_letters, purge_dead_letters, remove_subscription,
+    replay_dead_letters, status, subscription_status, subscriptions, DeadLetter, QueueCounts,
+    Selection, Status, SubscriptionStatus, TopicStatus,
 };
 pub use backoff::Backoff;
 pub use error::{Error, Result};
@@ -115,7 +116,7 @@ pub use new_event::{validate_topic, NewEvent, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use publish::{publish, publish_all, publish_event, publish_events};
 pub use queue::queued_events;
-pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern};
+pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern, DEFAULT_SUBSCRIPTION};
 #[cfg(feature = "amqp")]
 pub use sink::{AmqpBuilder, AmqpSink};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};

@@ -40,7 +40,7 @@ pub(crate) use publish::{insert_event, insert_events};
 pub(crate) use queue::queued_events;
 pub(crate) use settle::{extend_lease, settle, Settlement, Verdict};
 pub(crate) use subscriptions::{
-    list_subscriptions, reclaim, remove_subscription, subscribe, wake_stranded, SubscriptionRow,
+    list_subscriptions, reclaim, remove_subscription, subscribe, wake_stranded,
 };
 
 pub(crate) mod schema {

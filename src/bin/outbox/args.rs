@@ -58,14 +58,36 @@ pub enum Command {
     Publish(Publish),
     /// Run a relay that delivers events to a sink.
     Relay(Box<Relay>),
-    /// Show the queue: pending, due, scheduled, in flight, retrying, dead.
+    /// Show what is owed: pending, due, scheduled, in flight, retrying,
+    /// dead, per topic and per subscription.
     Status {
         #[command(flatten)]
         output: Output,
     },
+    /// List and remove subscriptions.
+    #[command(subcommand)]
+    Subscriptions(Subscriptions),
     /// List, show, replay and purge dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Subscriptions {
+    /// List subscriptions: patterns, pending events, lag, dead letters.
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Remove a subscription, dropping what it still owes and its dead
+    /// letters.
+    Remove {
+        /// The subscription's name.
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// How a command prints what it read: `--json` or `--format json|table`.
@@ -168,6 +190,11 @@ pub struct Relay {
     /// Topic patterns to deliver (repeatable; exact, prefix.* or *).
     #[arg(long = "topic", value_name = "PATTERN", default_value = "*")]
     pub topics: Vec<String>,
+    /// Serve this named subscription (registered at first start): every
+    /// event of its topics, whatever other subscriptions do. Without it the
+    /// relay serves the default subscription, shared with other relays.
+    #[arg(long, value_name = "NAME")]
+    pub subscription: Option<String>,
     /// Deliver everything due, then exit 0 with a summary on stderr.
     #[arg(long)]
     pub drain: bool,
@@ -214,6 +241,9 @@ pub struct Relay {
 pub enum DeadLetters {
     /// List dead letters, newest failure first.
     List {
+        /// Only this subscription's.
+        #[arg(long)]
+        subscription: Option<String>,
         /// Only this topic.
         #[arg(long)]
         topic: Option<String>,
@@ -230,13 +260,20 @@ pub enum DeadLetters {
     Show {
         /// The event id.
         id: i64,
+        /// Only this subscription's (an event may have died in several).
+        #[arg(long)]
+        subscription: Option<String>,
         #[command(flatten)]
         output: Output,
     },
-    /// Put dead letters back into the queue with the same id.
+    /// Send dead letters back to the subscription that gave up on them,
+    /// with the same id.
     Replay {
         #[command(flatten)]
         which: Which,
+        /// Only this subscription's.
+        #[arg(long)]
+        subscription: Option<String>,
         /// Only say how many would be replayed.
         #[arg(long)]
         dry_run: bool,
@@ -245,6 +282,9 @@ pub enum DeadLetters {
     Purge {
         #[command(flatten)]
         which: WhichPurge,
+        /// Only this subscription's.
+        #[arg(long)]
+        subscription: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,

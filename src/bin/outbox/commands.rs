@@ -1,5 +1,5 @@
 //! The commands that read or change the database directly: migrate,
-//! publish, status, dead-letters.
+//! publish, status, dead-letters (subscriptions: `subscriptions.rs`).
 
 use std::error::Error;
 use std::fmt;
@@ -121,12 +121,15 @@ pub fn status(cli: &Cli, output: &Output) -> Result {
         ],
         &rows,
     )?;
+    writeln!(out)?;
+    crate::subscriptions::print(&mut out, &outbox::subscriptions(&mut connect(cli)?)?)?;
     Ok(())
 }
 
 pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
     match command {
         DeadLetters::List {
+            subscription,
             topic,
             since,
             limit,
@@ -136,14 +139,20 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                 .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() - d))
                 .transpose()
                 .map_err(|_| Usage("--since is too long".into()))?;
-            let list = outbox::dead_letters(&mut connect(cli)?, topic.as_deref(), since, *limit)?;
+            let list = outbox::dead_letters(
+                &mut connect(cli)?,
+                subscription.as_deref(),
+                topic.as_deref(),
+                since,
+                *limit,
+            )?;
             let mut out = stdout();
             if output.json() {
                 let rows: Vec<_> = list
                     .iter()
                     .map(|d| {
                         serde_json::json!({
-                            "id": d.id, "topic": d.topic, "key": d.key, "attempts": d.attempts,
+                            "subscription": d.subscription, "id": d.id, "topic": d.topic, "key": d.key, "attempts": d.attempts,
                             "failed_at": d.failed_at, "last_error": d.last_error,
                         })
                     })
@@ -155,6 +164,7 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                 .iter()
                 .map(|d| {
                     vec![
+                        d.subscription.clone(),
                         d.id.to_string(),
                         d.topic.clone(),
                         d.key.clone().unwrap_or_else(|| "-".into()),
@@ -166,82 +176,132 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
                 .collect();
             table::print(
                 &mut out,
-                &["ID", "TOPIC", "KEY", "ATTEMPTS", "FAILED_AT", "LAST_ERROR"],
+                &[
+                    "SUBSCRIPTION",
+                    "ID",
+                    "TOPIC",
+                    "KEY",
+                    "ATTEMPTS",
+                    "FAILED_AT",
+                    "LAST_ERROR",
+                ],
                 &rows,
             )?;
             Ok(())
         }
-        DeadLetters::Show { id, output } => {
-            let dead = outbox::dead_letter(&mut connect(cli)?, outbox::EventId(*id))?
-                .ok_or_else(|| format!("no dead letter with id {id}"))?;
+        DeadLetters::Show {
+            id,
+            subscription,
+            output,
+        } => {
+            let all = outbox::dead_letter(
+                &mut connect(cli)?,
+                subscription.as_deref(),
+                outbox::EventId(*id),
+            )?;
+            if all.is_empty() {
+                return Err(format!("no dead letter with id {id}").into());
+            }
             let mut out = stdout();
             if output.json() {
-                writeln!(out, "{}", serde_json::to_string_pretty(&dead)?)?;
+                // One object when one subscription gave up on it (the
+                // common case), an array otherwise.
+                match all.as_slice() {
+                    [dead] => writeln!(out, "{}", serde_json::to_string_pretty(dead)?)?,
+                    _ => writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?,
+                }
                 return Ok(());
             }
-            let key = dead.key.as_deref().unwrap_or("-");
-            writeln!(out, "id:          {}", dead.id)?;
-            writeln!(out, "topic:       {}", dead.topic)?;
-            writeln!(out, "key:         {key}")?;
-            writeln!(out, "created_at:  {}", dead.created_at.to_rfc3339())?;
-            writeln!(out, "failed_at:   {}", dead.failed_at.to_rfc3339())?;
-            writeln!(out, "attempts:    {}", dead.attempts)?;
-            writeln!(out, "last_error:  {}", dead.last_error)?;
-            let headers = serde_json::to_string(&dead.headers)?;
-            writeln!(out, "headers:     {headers}")?;
-            let payload = serde_json::to_string_pretty(&dead.payload)?;
-            writeln!(out, "payload:\n{payload}")?;
+            for (n, dead) in all.iter().enumerate() {
+                if n > 0 {
+                    writeln!(out)?;
+                }
+                show(&mut out, dead)?;
+            }
             Ok(())
         }
-        DeadLetters::Replay { which, dry_run } => {
+        DeadLetters::Replay {
+            which,
+            subscription,
+            dry_run,
+        } => {
             let selection = replay_selection(which);
+            let subscription = subscription.as_deref();
             let mut conn = connect(cli)?;
-            let total = outbox::count_dead_letters(&mut conn, &selection)?;
+            let total = outbox::count_dead_letters(&mut conn, subscription, &selection)?;
             if *dry_run {
                 writeln!(stdout(), "would replay {total} dead letter(s)")?;
                 return Ok(());
             }
             let terminal = std::io::stderr().is_terminal() && total > 1000;
-            let replayed = outbox::replay_dead_letters(&mut conn, &selection, 1000, |done| {
-                if terminal {
-                    let _ = write!(std::io::stderr(), "\rreplayed {done}/{total}");
-                    let _ = std::io::stderr().flush();
-                }
-            })?;
+            let replayed =
+                outbox::replay_dead_letters(&mut conn, subscription, &selection, 1000, |done| {
+                    if terminal {
+                        let _ = write!(std::io::stderr(), "\rreplayed {done}/{total}");
+                        let _ = std::io::stderr().flush();
+                    }
+                })?;
             if terminal {
                 let _ = writeln!(std::io::stderr());
             }
             writeln!(stdout(), "replayed {replayed} dead letter(s)")?;
             Ok(())
         }
-        DeadLetters::Purge { which, yes } => {
+        DeadLetters::Purge {
+            which,
+            subscription,
+            yes,
+        } => {
             let selection = purge_selection(which)?;
+            let subscription = subscription.as_deref();
             let mut conn = connect(cli)?;
-            let total = outbox::count_dead_letters(&mut conn, &selection)?;
-            if !yes && total > 0 {
-                if !std::io::stdin().is_terminal() {
-                    return Err(Usage(format!(
-                        "would purge {total} dead letter(s): pass --yes to confirm"
-                    ))
-                    .into());
-                }
-                let _ = write!(
-                    std::io::stderr(),
-                    "Delete {total} dead letter(s) for good? [y/N] "
-                );
-                let _ = std::io::stderr().flush();
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    writeln!(stdout(), "nothing purged")?;
-                    return Ok(());
-                }
+            let total = outbox::count_dead_letters(&mut conn, subscription, &selection)?;
+            if !yes
+                && total > 0
+                && !confirm(
+                    &format!("would purge {total} dead letter(s)"),
+                    &format!("Delete {total} dead letter(s) for good?"),
+                )?
+            {
+                writeln!(stdout(), "nothing purged")?;
+                return Ok(());
             }
-            let purged = outbox::purge_dead_letters(&mut conn, &selection)?;
+            let purged = outbox::purge_dead_letters(&mut conn, subscription, &selection)?;
             writeln!(stdout(), "purged {purged} dead letter(s)")?;
             Ok(())
         }
     }
+}
+
+/// One dead letter in full, for people.
+fn show(out: &mut impl Write, dead: &outbox::DeadLetter) -> Result {
+    let key = dead.key.as_deref().unwrap_or("-");
+    writeln!(out, "subscription: {}", dead.subscription)?;
+    writeln!(out, "id:          {}", dead.id)?;
+    writeln!(out, "topic:       {}", dead.topic)?;
+    writeln!(out, "key:         {key}")?;
+    writeln!(out, "created_at:  {}", dead.created_at.to_rfc3339())?;
+    writeln!(out, "failed_at:   {}", dead.failed_at.to_rfc3339())?;
+    writeln!(out, "attempts:    {}", dead.attempts)?;
+    writeln!(out, "last_error:  {}", dead.last_error)?;
+    let headers = serde_json::to_string(&dead.headers)?;
+    writeln!(out, "headers:     {headers}")?;
+    let payload = serde_json::to_string_pretty(&dead.payload)?;
+    writeln!(out, "payload:\n{payload}")?;
+    Ok(())
+}
+
+/// Asks on the terminal whether to go on (`question`); without a terminal,
+/// a usage error saying `what` would happen and that `--yes` confirms.
+pub fn confirm(what: &str, question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Usage(format!("{what}: pass --yes to confirm")).into());
+    }
+    let _ = write!(std::io::stderr(), "{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 fn ids(ids: &[i64]) -> Vec<outbox::EventId> {

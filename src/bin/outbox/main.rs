@@ -8,6 +8,7 @@ mod commands;
 mod conninfo;
 mod relay;
 mod stdout;
+mod subscriptions;
 mod table;
 
 use std::io::Write;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Command::Migrate => commands::migrate(&cli),
         Command::Publish(publish) => commands::publish(&cli, publish),
         Command::Status { output } => commands::status(&cli, output),
+        Command::Subscriptions(command) => subscriptions::run(&cli, command),
         Command::DeadLetters(dead) => commands::dead_letters(&cli, dead),
         Command::Relay(relay) => relay::run(&cli, relay),
     }

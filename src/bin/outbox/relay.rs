@@ -180,6 +180,10 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
     // Fail fast, with one line, on a database that is unreachable or not
     // migrated, instead of starting workers that would retry forever.
     let mut conn = connect(cli)?;
+    let subscription = args
+        .subscription
+        .clone()
+        .unwrap_or_else(|| outbox::DEFAULT_SUBSCRIPTION.to_owned());
     let initial = outbox::status(&mut conn)?;
     if let Some(addr) = args.metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -200,8 +204,13 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .lease_duration(lease)
         .backoff(backoff)
         .observer(Metrics);
-    for pattern in &args.topics {
-        builder = builder.route(pattern, sink.clone());
+    if args.subscription.is_some() {
+        let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
+        builder = builder.subscribe(&subscription, &topics, sink);
+    } else {
+        for pattern in &args.topics {
+            builder = builder.route(pattern, sink.clone());
+        }
     }
     let relay = builder.start()?;
 
@@ -224,8 +233,11 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
             metrics::counter!(name, "topic" => topic.topic.clone()).increment(0);
         }
     }
-    record_gauges(&initial);
-    let outcome = watch(cli, args, &patterns, conn, &stop, &broken);
+    record_gauges(
+        &outbox::subscription_status(&mut conn, &subscription)?,
+        &subscription,
+    );
+    let outcome = watch(cli, args, &subscription, &patterns, conn, &stop, &broken);
     let stats = relay.stats();
     relay.shutdown(Duration::from_secs(30))?;
     // A write that failed while the queue was last read is reported even
@@ -273,6 +285,7 @@ struct Scheduled {
 fn watch(
     cli: &Cli,
     args: &Relay,
+    subscription: &str,
     patterns: &[TopicPattern],
     mut conn: PgConnection,
     stop: &Receiver<()>,
@@ -319,7 +332,7 @@ fn watch(
             default(wait) => {}
         }
         let asked = Instant::now();
-        let status = match outbox::status(&mut conn) {
+        let status = match outbox::subscription_status(&mut conn, subscription) {
             Ok(status) => status,
             Err(error) => {
                 tracing::warn!(error = %crate::error_chain(&error), "reading the queue status failed");
@@ -330,7 +343,7 @@ fn watch(
             }
         };
         took = asked.elapsed();
-        record_gauges(&status);
+        record_gauges(&status, subscription);
         if args.drain {
             if let (0, left) = routed(&status) {
                 return Ok(Some(left));
@@ -339,9 +352,11 @@ fn watch(
     }
 }
 
-fn record_gauges(status: &outbox::Status) {
-    metrics::gauge!("outbox_pending").set(status.total.pending as f64);
-    metrics::gauge!("outbox_oldest_pending_age_seconds")
+/// The served subscription's backlog, lag and dead letters.
+fn record_gauges(status: &outbox::Status, subscription: &str) {
+    let label = ("subscription", subscription.to_owned());
+    metrics::gauge!("outbox_pending", &[label.clone()]).set(status.total.pending as f64);
+    metrics::gauge!("outbox_oldest_pending_age_seconds", &[label.clone()])
         .set(status.total.oldest_pending_age_seconds.unwrap_or(0.0));
-    metrics::gauge!("outbox_dead_letters").set(status.total.dead_letters as f64);
+    metrics::gauge!("outbox_dead_letters", &[label]).set(status.total.dead_letters as f64);
 }
