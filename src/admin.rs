@@ -291,6 +291,28 @@ pub fn subscriptions(conn: &mut PgConnection) -> Result<Vec<SubscriptionStatus>>
         .collect())
 }
 
+/// Registers the subscription `name` for `patterns` now, as a relay
+/// serving it does when it first connects: from this transaction's
+/// snapshot on, every event of those topics is kept for it, whether or not
+/// a relay serves it yet. Returns whether it was created (an existing one
+/// gets the new patterns). Call it beside [`crate::migrate`] when events
+/// published before the first relay starts must reach the subscription.
+///
+/// ```no_run
+/// # let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;
+/// outbox::migrate(&mut conn)?;
+/// outbox::register_subscription(&mut conn, "email", &["order.approved"])?;
+/// # Ok::<(), outbox::Error>(())
+/// ```
+pub fn register_subscription(
+    conn: &mut PgConnection,
+    name: &str,
+    patterns: &[&str],
+) -> Result<bool> {
+    let (_, written, topics) = crate::relay::compile_subscription(name, patterns)?;
+    Ok(store::subscribe(conn, name, &written, &topics)?)
+}
+
 /// Removes a subscription: what it still owes and its dead letters are
 /// dropped, and the log's storage it held back is reclaimed by the next
 /// relay housekeeping. Returns whether it existed. A relay still serving

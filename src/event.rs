@@ -72,7 +72,8 @@ impl From<i64> for EventId {
     }
 }
 
-/// An event as stored in `outbox.events`: what a relay hands to a sink.
+/// An event as stored in `outbox.events`: what a relay hands to a sink,
+/// for one subscription.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredEvent {
     /// The stable event id.
@@ -93,6 +94,11 @@ pub struct StoredEvent {
     pub attempts: i32,
     /// Why the previous attempt failed, if one did.
     pub last_error: Option<String>,
+    /// The subscription this delivery is for ([`crate::DEFAULT_SUBSCRIPTION`]
+    /// for `.route` and `.handle`; in [`crate::queued_events`], the one that
+    /// still owes it).
+    #[serde(default)]
+    pub subscription: String,
 }
 
 impl StoredEvent {

@@ -104,9 +104,9 @@ mod store;
 mod transaction;
 
 pub use admin::{
-    count_dead_letters, dead_letter, dead_letters, purge_dead_letters, remove_subscription,
-    replay_dead_letters, status, subscription_status, subscriptions, DeadLetter, QueueCounts,
-    Selection, Status, SubscriptionStatus, TopicStatus,
+    count_dead_letters, dead_letter, dead_letters, purge_dead_letters, register_subscription,
+    remove_subscription, replay_dead_letters, status, subscription_status, subscriptions,
+    DeadLetter, QueueCounts, Selection, Status, SubscriptionStatus, TopicStatus,
 };
 pub use backoff::Backoff;
 pub use error::{Error, Result};

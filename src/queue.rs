@@ -6,9 +6,10 @@ use crate::error::Result;
 use crate::event::StoredEvent;
 use crate::store;
 
-/// The oldest `limit` events still in `outbox.events` (due, delayed or held
-/// by a relay), in id order. For inspection and tests: it takes no locks and
-/// claims nothing.
+/// The oldest `limit` events some subscription still owes (due, delayed,
+/// retrying, or held by a relay), in id order, one per subscription that
+/// owes it (`StoredEvent::subscription` says which). For inspection and
+/// tests: it takes no locks and claims nothing.
 ///
 /// ```no_run
 /// # let mut conn = <diesel::PgConnection as diesel::Connection>::establish("postgres://localhost/app")?;

@@ -324,7 +324,11 @@ impl RelayBuilder {
             reason: format!("could not spawn a thread: {e}"),
         };
         if let Some(url) = self.listen_url {
-            let wake = shared.subscriptions.iter().map(|s| s.wake_tx.clone()).collect();
+            let wake = shared
+                .subscriptions
+                .iter()
+                .map(|s| s.wake_tx.clone())
+                .collect();
             let (shared, shutdown) = (shared.clone(), shutdown_rx.clone());
             threads.push(
                 spawn(

@@ -209,7 +209,12 @@ pub(super) fn run(shared: Arc<Shared>, shutdown: Receiver<()>) {
     loop {
         let busy = housekeeping.settled_since_reclaim.load(Ordering::Relaxed) > 0;
         let reclaim_in = last_reclaim.map_or(Duration::ZERO, |at| {
-            (if busy { RECLAIM_EVERY } else { RECLAIM_IDLE_EVERY }).saturating_sub(at.elapsed())
+            (if busy {
+                RECLAIM_EVERY
+            } else {
+                RECLAIM_IDLE_EVERY
+            })
+            .saturating_sub(at.elapsed())
         });
         // Once a vacuum is owed, look again every MIN_INTERVAL in case
         // spacing made this one wait.
@@ -227,7 +232,12 @@ pub(super) fn run(shared: Arc<Shared>, shutdown: Receiver<()>) {
         }
         let busy = housekeeping.settled_since_reclaim.load(Ordering::Relaxed) > 0;
         let reclaim_due = last_reclaim.is_none_or(|at| {
-            at.elapsed() >= if busy { RECLAIM_EVERY } else { RECLAIM_IDLE_EVERY }
+            at.elapsed()
+                >= if busy {
+                    RECLAIM_EVERY
+                } else {
+                    RECLAIM_IDLE_EVERY
+                }
         });
         let vacuum_due = housekeeping.enabled
             && housekeeping.settled.load(Ordering::Relaxed) >= VACUUM_AFTER_ROWS;

@@ -33,12 +33,7 @@ fn wake_all(wake: &[Sender<()>]) {
     }
 }
 
-pub(super) fn run(
-    shared: Arc<Shared>,
-    url: String,
-    wake: Vec<Sender<()>>,
-    shutdown: Receiver<()>,
-) {
+pub(super) fn run(shared: Arc<Shared>, url: String, wake: Vec<Sender<()>>, shutdown: Receiver<()>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
     let mut failures: u32 = 0;

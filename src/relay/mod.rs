@@ -33,6 +33,15 @@ pub use builder::RelayBuilder;
 pub use routing::TopicPattern;
 pub use subscription::DEFAULT_SUBSCRIPTION;
 
+/// A subscription's routes, patterns and topics, checked (for
+/// registering one without a relay).
+pub(crate) fn compile_subscription(
+    name: &str,
+    patterns: &[&str],
+) -> Result<(routing::Routes, Vec<String>, crate::store::TopicFilter), Error> {
+    subscription::compile(name, patterns, None)
+}
+
 /// An r2d2 pool of diesel PostgreSQL connections, as the relay takes it.
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 

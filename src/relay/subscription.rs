@@ -57,29 +57,7 @@ impl Served {
 
     /// A named subscription delivering every topic of `patterns` to `sink`.
     pub(crate) fn named(name: &str, patterns: &[&str], sink: Arc<dyn Sink>) -> Result<Self, Error> {
-        check_name(name)?;
-        if patterns.is_empty() {
-            return Err(Error::Config {
-                field: "subscribe",
-                reason: format!("subscription {name:?} has no topic pattern"),
-            });
-        }
-        let mut routes = Routes::default();
-        let mut written = Vec::with_capacity(patterns.len());
-        for pattern in patterns {
-            let parsed = TopicPattern::parse(pattern).map_err(|e| Error::Config {
-                field: "subscribe",
-                reason: format!("subscription {name:?}: {}", reason_of(e)),
-            })?;
-            written.push(parsed.to_string());
-            routes
-                .add(parsed, sink.clone())
-                .map_err(|e| Error::Config {
-                    field: "subscribe",
-                    reason: format!("subscription {name:?}: {}", reason_of(e)),
-                })?;
-        }
-        let topics = routes.claim_filter();
+        let (routes, written, topics) = compile(name, patterns, Some(sink))?;
         Ok(Self::new(
             name.to_owned(),
             written,
@@ -121,6 +99,40 @@ impl Served {
     pub(crate) fn set_registered(&self, registered: bool) {
         self.registered.store(registered, Ordering::Release);
     }
+}
+
+/// Checks a subscription's name and patterns; returns its routes (to
+/// `sink`, if given), its patterns as written back, and its topics for SQL.
+pub(crate) fn compile(
+    name: &str,
+    patterns: &[&str],
+    sink: Option<Arc<dyn Sink>>,
+) -> Result<(Routes, Vec<String>, TopicFilter), Error> {
+    check_name(name)?;
+    if patterns.is_empty() {
+        return Err(Error::Config {
+            field: "subscribe",
+            reason: format!("subscription {name:?} has no topic pattern"),
+        });
+    }
+    // Without a sink the routes only compile the filter: a sink that
+    // refuses everything stands in.
+    let sink = sink.unwrap_or_else(|| {
+        Arc::new(|_: &crate::StoredEvent| Err::<(), _>(crate::DeliveryError::transient("no sink")))
+    });
+    let mut routes = Routes::default();
+    let mut written = Vec::with_capacity(patterns.len());
+    for pattern in patterns {
+        let invalid = |e: Error| Error::Config {
+            field: "subscribe",
+            reason: format!("subscription {name:?}: {}", reason_of(e)),
+        };
+        let parsed = TopicPattern::parse(pattern).map_err(invalid)?;
+        written.push(parsed.to_string());
+        routes.add(parsed, sink.clone()).map_err(invalid)?;
+    }
+    let topics = routes.claim_filter();
+    Ok((routes, written, topics))
 }
 
 fn reason_of(error: Error) -> String {

@@ -252,7 +252,7 @@ impl Worker {
         let mut unreadable = Vec::new();
         for row in claimed.rows {
             let place = row.place();
-            match row.into_event() {
+            match row.into_event(&served.name) {
                 (event, None) => {
                     events.push(event);
                     places.push(place);
@@ -305,7 +305,11 @@ impl Worker {
                     None => lease.renewal_failed(),
                 }
             }
-            if event.key.as_ref().is_some_and(|key| waiting_keys.contains(key)) {
+            if event
+                .key
+                .as_ref()
+                .is_some_and(|key| waiting_keys.contains(key))
+            {
                 outcomes.push(Outcome::held(event, index));
                 continue;
             }
@@ -444,7 +448,9 @@ impl Worker {
         let mut tries: u32 = 0;
         let settled = loop {
             let attempt = match slot {
-                Some(conn) => store::settle(conn, name, token, lane, &verdicts).map_err(Error::from),
+                Some(conn) => {
+                    store::settle(conn, name, token, lane, &verdicts).map_err(Error::from)
+                }
                 None => shared.pool.get().map_err(Error::from).and_then(|conn| {
                     Ok(store::settle(
                         slot.insert(conn),

@@ -155,12 +155,6 @@ pub(crate) fn claim(
 }
 
 impl ClaimedRow {
-    /// The event id, readable whatever the payload holds.
-    #[cfg(test)]
-    pub(crate) fn id(&self) -> EventId {
-        EventId(self.id)
-    }
-
     /// Where the row lives, for the settle.
     pub(crate) fn place(&self) -> Place {
         match self.seq {
@@ -176,7 +170,7 @@ impl ClaimedRow {
     /// be told (the payload as its raw JSON text, a JSON string; the
     /// headers if they parse, else none), so that observers still hear of
     /// it.
-    pub(crate) fn into_event(self) -> (StoredEvent, Option<String>) {
+    pub(crate) fn into_event(self, subscription: &str) -> (StoredEvent, Option<String>) {
         let payload = serde_json::from_str(&self.payload)
             .map_err(|e| format!("payload is valid jsonb but not readable here: {e}"));
         let headers = serde_json::from_str(&self.headers)
@@ -195,6 +189,7 @@ impl ClaimedRow {
             available_at: self.available_at,
             attempts: self.attempts,
             last_error: self.last_error,
+            subscription: subscription.to_owned(),
         };
         (event, problem)
     }

@@ -87,7 +87,7 @@ impl ToSql<Jsonb, Pg> for RawJson<'_> {
 }
 
 /// A [`StoredEvent`] row as diesel reads it (`id, topic, key, payload,
-/// headers, created_at, available_at, attempts, last_error`).
+/// headers, created_at, available_at, attempts, last_error, subscription`).
 pub(crate) type StoredRow = (
     i64,
     String,
@@ -98,12 +98,24 @@ pub(crate) type StoredRow = (
     chrono::DateTime<chrono::Utc>,
     i32,
     Option<String>,
+    String,
 );
 
 /// Turns a row into a [`StoredEvent`]. Headers are a JSON object of strings
 /// (a table constraint), so the conversion fails only on a schema mismatch.
 pub(crate) fn stored_event(row: StoredRow) -> Result<StoredEvent> {
-    let (id, topic, key, payload, headers, created_at, available_at, attempts, last_error) = row;
+    let (
+        id,
+        topic,
+        key,
+        payload,
+        headers,
+        created_at,
+        available_at,
+        attempts,
+        last_error,
+        subscription,
+    ) = row;
     let id = EventId(id);
     let headers: Headers =
         serde_json::from_value(headers).map_err(|source| Error::Decode { id, source })?;
@@ -117,6 +129,7 @@ pub(crate) fn stored_event(row: StoredRow) -> Result<StoredEvent> {
         available_at,
         attempts,
         last_error,
+        subscription,
     })
 }
 

@@ -11,6 +11,8 @@ use super::StoredRow;
 pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<StoredRow>> {
     #[derive(QueryableByName)]
     struct Row {
+        #[diesel(sql_type = Text)]
+        subscription: String,
         #[diesel(sql_type = BigInt)]
         id: i64,
         #[diesel(sql_type = Text)]
@@ -31,7 +33,7 @@ pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<
         last_error: Option<String>,
     }
     let rows: Vec<Row> = diesel::sql_query(
-        "SELECT id, topic, key, payload, headers, created_at, available_at, attempts, last_error
+        "SELECT subscription, id, topic, key, payload, headers, created_at, available_at, attempts, last_error
            FROM outbox.pending
           ORDER BY id, subscription
           LIMIT $1",
@@ -51,6 +53,7 @@ pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<
                 r.available_at,
                 r.attempts,
                 r.last_error,
+                r.subscription,
             )
         })
         .collect())

@@ -169,15 +169,14 @@ pub(crate) fn extend_lease(
             Place::Deliveries { seq } => seqs.push(*seq),
         }
     }
-    let held: Vec<SettledId> = diesel::sql_query(
-        "SELECT id FROM outbox.extend_lease($1, $2, $3, $4, $5, $6) AS s(id)",
-    )
-    .bind::<Text, _>(subscription)
-    .bind::<BigInt, _>(token)
-    .bind::<Nullable<Integer>, _>(lane.map(i32::from))
-    .bind::<BigInt, _>(micros(lease))
-    .bind::<Array<BigInt>, _>(&log_ids)
-    .bind::<Array<BigInt>, _>(&seqs)
-    .load(conn)?;
+    let held: Vec<SettledId> =
+        diesel::sql_query("SELECT id FROM outbox.extend_lease($1, $2, $3, $4, $5, $6) AS s(id)")
+            .bind::<Text, _>(subscription)
+            .bind::<BigInt, _>(token)
+            .bind::<Nullable<Integer>, _>(lane.map(i32::from))
+            .bind::<BigInt, _>(micros(lease))
+            .bind::<Array<BigInt>, _>(&log_ids)
+            .bind::<Array<BigInt>, _>(&seqs)
+            .load(conn)?;
     Ok(held.into_iter().map(|s| EventId(s.id)).collect())
 }
