@@ -171,7 +171,9 @@ CREATE INDEX dead_letters_id_idx ON outbox.dead_letters (id);
 CREATE TABLE outbox.migration_next_id AS
 SELECT greatest((SELECT max(id) FROM outbox.events),
                 (SELECT max(id) FROM outbox.dead_letters),
-                (SELECT last_value FROM outbox.events_id_seq), 0) AS last_id;
+                -- last_value is the start value until one is handed out
+                (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                   FROM outbox.events_id_seq), 0) AS last_id;
 
 DROP TABLE outbox.events CASCADE;
 DROP FUNCTION outbox.settle(bigint, bigint[], text[], bigint[], text[]);
@@ -213,7 +215,7 @@ BEGIN
 END
 $$;
 
-SELECT setval(pg_get_serial_sequence('outbox.events', 'id'), last_id, last_id > 0)
+SELECT setval(pg_get_serial_sequence('outbox.events', 'id'), greatest(last_id, 1), last_id > 0)
   FROM outbox.migration_next_id;
 DROP TABLE outbox.migration_next_id;
 
