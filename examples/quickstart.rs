@@ -1,7 +1,8 @@
-//! The outbox in one story: an approved order and its email event commit
-//! together, a failed order leaves neither behind, a relay sends the email
-//! (retrying when the provider fails), and a poison event lands in the
-//! dead-letter table.
+//! The outbox in one story: an approved order and its event commit
+//! together, a failed order leaves neither behind, and a relay delivers the
+//! event to two subscribers: the email service (which fails once, retries,
+//! and dead-letters a poison event) and analytics (which gets every event
+//! at once, whatever the email service does).
 //!
 //! Runs against `DATABASE_URL` when it is set, otherwise against a throwaway
 //! PostgreSQL cluster started from the local installation.
@@ -101,6 +102,15 @@ fn send_email(
     Ok(())
 }
 
+/// The analytics subscriber: records every order event, never fails.
+fn record_analytics(event: &outbox::StoredEvent) -> Result<(), outbox::DeliveryError> {
+    println!(
+        "  analytics recorded {} (event {}, attempt {})",
+        event.topic, event.id, event.attempts
+    );
+    Ok(())
+}
+
 /// Prints what the relay does, and tells `main` when an event is settled.
 struct Narrator(crossbeam_channel::Sender<()>);
 
@@ -112,7 +122,8 @@ impl outbox::Observer for Narrator {
         delay: Duration,
     ) {
         println!(
-            "  event {} attempt {} failed ({error}); retrying in {} ms",
+            "  [{}] event {} attempt {} failed ({error}); retrying in {} ms",
+            event.subscription,
             event.id,
             event.attempts,
             delay.as_millis()
@@ -122,7 +133,10 @@ impl outbox::Observer for Narrator {
         let _ = self.0.send(());
     }
     fn on_dead_lettered(&self, event: &outbox::StoredEvent, error: &str) {
-        println!("  event {} moved to the dead letters: {error}", event.id);
+        println!(
+            "  [{}] event {} moved to the dead letters: {error}",
+            event.subscription, event.id
+        );
         let _ = self.0.send(());
     }
 }
@@ -135,9 +149,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "CREATE TABLE orders (id bigint PRIMARY KEY, email text NOT NULL, status text NOT NULL)",
     )
     .execute(&mut conn)?;
+    // Two subscribers of the order events, registered before anything is
+    // published (a relay serving them would register them when it starts;
+    // events committed before that would not be theirs). This app uses
+    // named subscriptions only, so it removes the `default` one that the
+    // migration creates for `.route`/`.handle` relays: otherwise it would
+    // keep every event for a relay that never comes.
+    outbox::register_subscription(&mut conn, "email", &["order.approved"])?;
+    outbox::register_subscription(&mut conn, "analytics", &["order.*"])?;
+    outbox::remove_subscription(&mut conn, outbox::DEFAULT_SUBSCRIPTION)?;
 
     let id = approve(&mut conn, 7, "ada@example.com")?;
-    println!("order 7 approved; event {id} queued for the email service");
+    println!("order 7 approved; event {id} queued for the email service and analytics");
 
     match approve(&mut conn, 8, "") {
         Ok(_) => unreachable!("order 8 has no email address"),
@@ -161,23 +184,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get_result::<Count>(&mut conn)?
         .n;
     let queued = outbox::queued_events(&mut conn, 100)?;
+    let mut events: Vec<outbox::EventId> = queued.iter().map(|e| e.id).collect();
+    events.dedup();
     println!(
-        "orders in the table: {orders}; events in the outbox: {}",
-        queued.len()
+        "orders in the table: {orders}; events in the outbox: {}, owed to {} subscriber(s) each",
+        events.len(),
+        queued.len() / events.len().max(1)
     );
     for event in &queued {
         println!(
-            "  event {} topic={} key={:?} payload={}",
+            "  event {} for {}: topic={} key={:?} payload={}",
             event.id,
+            event.subscription,
             event.topic,
             event.key.as_deref().unwrap_or("-"),
             event.payload
         );
     }
     assert_eq!(
-        (orders, queued.len()),
-        (2, 2),
-        "exactly the committed orders and their events"
+        (orders, events.len(), queued.len()),
+        (2, 2, 4),
+        "exactly the committed orders, their events, and one delivery per subscriber"
     );
 
     println!("starting the relay");
@@ -190,7 +217,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (settled, settled_rx) = crossbeam_channel::unbounded();
     let relay = outbox::Relay::builder(pool)
         .listen(db.url())
-        .handle(send_email)
+        .subscribe_handler("email", send_email)
+        .subscribe("analytics", &["order.*"], record_analytics)
         .backoff(outbox::Backoff::new(
             Duration::from_millis(200),
             Duration::from_secs(5),
@@ -210,6 +238,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     #[derive(QueryableByName)]
     struct DeadLetter {
+        #[diesel(sql_type = Text)]
+        subscription: String,
         #[diesel(sql_type = BigInt)]
         id: i64,
         #[diesel(sql_type = diesel::sql_types::Integer)]
@@ -217,13 +247,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         #[diesel(sql_type = Text)]
         last_error: String,
     }
-    for dead in
-        diesel::sql_query("SELECT id, attempts, last_error FROM outbox.dead_letters ORDER BY id")
-            .load::<DeadLetter>(&mut conn)?
+    for dead in diesel::sql_query(
+        "SELECT subscription, id, attempts, last_error FROM outbox.dead_letters ORDER BY id",
+    )
+    .load::<DeadLetter>(&mut conn)?
     {
         println!(
-            "  dead letter: event {} after {} attempt(s): {}",
-            dead.id, dead.attempts, dead.last_error
+            "  dead letter of {}: event {} after {} attempt(s): {}",
+            dead.subscription, dead.id, dead.attempts, dead.last_error
         );
     }
     Ok(())
