@@ -142,21 +142,28 @@ fn timing(args: &Relay) -> Result<(Duration, outbox::Backoff)> {
 /// Feeds the `metrics` facade (a no-op unless an exporter is installed).
 struct Metrics;
 
+/// The labels of a delivery's series.
+fn labels(event: &StoredEvent) -> [(&'static str, String); 2] {
+    [
+        ("subscription", event.subscription.clone()),
+        ("topic", event.topic.clone()),
+    ]
+}
+
 impl outbox::Observer for Metrics {
     fn on_delivered(&self, event: &StoredEvent) {
-        metrics::counter!("outbox_delivered_total", "topic" => event.topic.clone()).increment(1);
+        metrics::counter!("outbox_delivered_total", &labels(event)).increment(1);
         let latency = (chrono::Utc::now() - event.created_at)
             .to_std()
             .unwrap_or_default();
-        metrics::histogram!("outbox_delivery_latency_seconds", "topic" => event.topic.clone())
+        metrics::histogram!("outbox_delivery_latency_seconds", &labels(event))
             .record(latency.as_secs_f64());
     }
     fn on_retry(&self, event: &StoredEvent, _: &DeliveryError, _: Duration) {
-        metrics::counter!("outbox_retried_total", "topic" => event.topic.clone()).increment(1);
+        metrics::counter!("outbox_retried_total", &labels(event)).increment(1);
     }
     fn on_dead_lettered(&self, event: &StoredEvent, _: &str) {
-        metrics::counter!("outbox_dead_lettered_total", "topic" => event.topic.clone())
-            .increment(1);
+        metrics::counter!("outbox_dead_lettered_total", &labels(event)).increment(1);
     }
     fn on_error(&self, _: &outbox::Error) {
         metrics::counter!("outbox_relay_errors_total").increment(1);
@@ -225,18 +232,21 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
     metrics::counter!("outbox_relay_errors_total").increment(0);
     metrics::counter!("outbox_stranded_rescued_total").increment(0);
     for topic in &initial.topics {
+        let labels = [
+            ("subscription", subscription.clone()),
+            ("topic", topic.topic.clone()),
+        ];
         for name in [
             "outbox_delivered_total",
             "outbox_retried_total",
             "outbox_dead_lettered_total",
         ] {
-            metrics::counter!(name, "topic" => topic.topic.clone()).increment(0);
+            metrics::counter!(name, &labels).increment(0);
         }
     }
-    record_gauges(
-        &outbox::subscription_status(&mut conn, &subscription)?,
-        &subscription,
-    );
+    if args.metrics_addr.is_some() {
+        record_gauges(&outbox::subscriptions(&mut conn)?);
+    }
     let outcome = watch(cli, args, &subscription, &patterns, conn, &stop, &broken);
     let stats = relay.stats();
     relay.shutdown(Duration::from_secs(30))?;
@@ -332,6 +342,22 @@ fn watch(
             default(wait) => {}
         }
         let asked = Instant::now();
+        if args.metrics_addr.is_some() {
+            match outbox::subscriptions(&mut conn) {
+                Ok(list) => record_gauges(&list),
+                Err(error) => {
+                    tracing::warn!(error = %crate::error_chain(&error), "reading the subscriptions failed");
+                    if let Ok(fresh) = connect(cli) {
+                        conn = fresh;
+                    }
+                    continue;
+                }
+            }
+        }
+        if !args.drain {
+            took = asked.elapsed();
+            continue;
+        }
         let status = match outbox::subscription_status(&mut conn, subscription) {
             Ok(status) => status,
             Err(error) => {
@@ -343,20 +369,20 @@ fn watch(
             }
         };
         took = asked.elapsed();
-        record_gauges(&status, subscription);
-        if args.drain {
-            if let (0, left) = routed(&status) {
-                return Ok(Some(left));
-            }
+        if let (0, left) = routed(&status) {
+            return Ok(Some(left));
         }
     }
 }
 
-/// The served subscription's backlog, lag and dead letters.
-fn record_gauges(status: &outbox::Status, subscription: &str) {
-    let label = ("subscription", subscription.to_owned());
-    metrics::gauge!("outbox_pending", &[label.clone()]).set(status.total.pending as f64);
-    metrics::gauge!("outbox_oldest_pending_age_seconds", &[label.clone()])
-        .set(status.total.oldest_pending_age_seconds.unwrap_or(0.0));
-    metrics::gauge!("outbox_dead_letters", &[label]).set(status.total.dead_letters as f64);
+/// Every subscription's backlog, lag and dead letters: a subscription that
+/// no relay serves shows up here too, as a growing lag.
+fn record_gauges(list: &[outbox::SubscriptionStatus]) {
+    for sub in list {
+        let label = [("subscription", sub.name.clone())];
+        metrics::gauge!("outbox_pending", &label).set(sub.pending as f64);
+        metrics::gauge!("outbox_oldest_pending_age_seconds", &label)
+            .set(sub.oldest_pending_age_seconds.unwrap_or(0.0));
+        metrics::gauge!("outbox_dead_letters", &label).set(sub.dead_letters as f64);
+    }
 }
