@@ -306,6 +306,94 @@ RETURN NOT pg_visible_in_snapshot(e_tx, c.lo)
 COMMENT ON FUNCTION outbox.owed(outbox.cursors, xid8, bigint) IS
     'Whether the committed log row (tx, id) is not yet settled by the cursor.';
 
+-- The rows of lane p_lane after (p_from_tx, p_from_id), below p_below,
+-- committed in snapshot p_hi, in (tx, id) order, at most p_limit. One
+-- ordered index range per segment, each stopping at p_limit: written per
+-- partition because over the partitioned parent the planner may append
+-- every segment's rows and sort them all (it did: a claim of 500 read and
+-- sorted the whole 8,000-row window, 22 ms instead of 2).
+DO $$
+DECLARE
+    branches text;
+BEGIN
+    SELECT string_agg(format(
+               '(SELECT e.* FROM outbox.events_%s e
+                  WHERE e.lane = p_lane AND (e.tx, e.id) > (p_from_tx, p_from_id)
+                    AND e.tx < p_below AND pg_visible_in_snapshot(e.tx, p_hi)
+                  ORDER BY e.tx, e.id LIMIT p_limit)', s), ' UNION ALL ')
+      INTO branches
+      FROM generate_series(0, 7) s;
+    EXECUTE format(
+        'CREATE FUNCTION outbox.lane_rows(p_lane smallint, p_from_tx xid8, p_from_id bigint,
+                                         p_below xid8, p_hi pg_snapshot, p_limit integer)
+         RETURNS SETOF outbox.events
+         LANGUAGE sql STABLE
+         AS $f$ SELECT * FROM (%s) w ORDER BY w.tx, w.id LIMIT p_limit $f$', branches);
+END
+$$;
+COMMENT ON FUNCTION outbox.lane_rows(smallint, xid8, bigint, xid8, pg_snapshot, integer) IS
+    'The next rows of a lane in (tx, id) order within a snapshot, read segment by segment.';
+
+-- The next rows of a cursor's window, at most p_limit, in (tx, id) order:
+-- first the rows of the transactions that were running at lo and committed
+-- by hi (one ordered range each), then the range from lo's xmax (or the
+-- position) to hi's xmax.
+CREATE FUNCTION outbox.window_rows(c outbox.cursors, p_limit integer)
+RETURNS outbox.events[]
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    win outbox.events[] := '{}';
+    x xid8;
+BEGIN
+    FOR x IN SELECT v FROM pg_snapshot_xip(c.lo) v ORDER BY v LOOP
+        EXIT WHEN cardinality(win) >= p_limit;
+        CONTINUE WHEN x < c.pos_tx OR NOT pg_visible_in_snapshot(x, c.hi);
+        win := win || ARRAY(
+            SELECT r FROM outbox.lane_rows(c.lane, x, CASE WHEN x = c.pos_tx THEN c.pos_id ELSE -1 END,
+                                           (x::text::bigint + 1)::text::xid8, c.hi,
+                                           p_limit - cardinality(win)) r);
+    END LOOP;
+    IF cardinality(win) < p_limit THEN
+        win := win || ARRAY(
+            SELECT r FROM outbox.lane_rows(
+                       c.lane,
+                       greatest(c.pos_tx, pg_snapshot_xmax(c.lo)),
+                       CASE WHEN c.pos_tx >= pg_snapshot_xmax(c.lo) THEN c.pos_id ELSE -1 END,
+                       pg_snapshot_xmax(c.hi), c.hi, p_limit - cardinality(win)) r);
+    END IF;
+    RETURN win;
+END
+$$;
+COMMENT ON FUNCTION outbox.window_rows(outbox.cursors, integer) IS
+    'The next rows of a cursor''s window, in commit order.';
+
+-- Whether a lane has committed rows its cursor has not read (read-only:
+-- an idle relay looks without writing). A window in progress always has.
+CREATE FUNCTION outbox.lane_has_news(c outbox.cursors, now_snap pg_snapshot)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    x xid8;
+BEGIN
+    IF NOT c.done THEN
+        RETURN true;
+    END IF;
+    FOR x IN SELECT v FROM pg_snapshot_xip(c.hi) v LOOP
+        IF pg_visible_in_snapshot(x, now_snap) AND EXISTS (
+               SELECT FROM outbox.lane_rows(c.lane, x, -1, (x::text::bigint + 1)::text::xid8,
+                                            now_snap, 1)) THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN EXISTS (SELECT FROM outbox.lane_rows(c.lane, pg_snapshot_xmax(c.hi), -1,
+                                                pg_snapshot_xmax(now_snap), now_snap, 1));
+END
+$$;
+COMMENT ON FUNCTION outbox.lane_has_news(outbox.cursors, pg_snapshot) IS
+    'Whether a lane has committed rows beyond its cursor.';
+
 -- The claim: up to p_limit events for one relay worker, under one token.
 --
 -- * The window part: the first lane from p_lane on (round-robin) that is
@@ -346,11 +434,9 @@ DECLARE
     last_tx xid8;
     last_id bigint;
     retaken boolean;
-    lo_xip xid8[];
     win outbox.events[];
     opened boolean;
-    start_tx xid8;
-    start_id bigint;
+    irregular boolean;
     l integer;
 BEGIN
     SELECT * INTO sub FROM outbox.subscriptions s WHERE s.name = p_subscription;
@@ -365,14 +451,7 @@ BEGIN
         -- A look without a lock first: an idle relay writes nothing.
         SELECT * INTO c FROM outbox.cursors k WHERE k.subscription = p_subscription AND k.lane = l;
         CONTINUE WHEN c.lease_until > now();
-        CONTINUE WHEN NOT EXISTS (
-            SELECT FROM outbox.events e
-             WHERE e.lane = l
-               AND (e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CASE WHEN c.done THEN c.hi ELSE c.lo END)))
-                    OR e.tx >= pg_snapshot_xmax(CASE WHEN c.done THEN c.hi ELSE c.lo END))
-               AND (c.done OR (e.tx, e.id) > (c.pos_tx, c.pos_id))
-               AND e.tx < pg_snapshot_xmax(now_snap)
-               AND pg_visible_in_snapshot(e.tx, now_snap));
+        CONTINUE WHEN NOT outbox.lane_has_news(c, now_snap);
         SELECT * INTO c FROM outbox.cursors k
          WHERE k.subscription = p_subscription AND k.lane = l
            AND (k.lease_until IS NULL OR k.lease_until <= now())
@@ -397,38 +476,7 @@ BEGIN
                 c.pos_id := 0;
                 c.done := false;
             END IF;
-            lo_xip := ARRAY(SELECT pg_snapshot_xip(c.lo));
-            IF c.pos_tx >= pg_snapshot_xmax(c.lo) THEN
-                start_tx := c.pos_tx;
-                start_id := c.pos_id;
-            ELSE
-                start_tx := pg_snapshot_xmax(c.lo);
-                start_id := -1;
-            END IF;
-
-            -- The window's next rows, in (tx, id) order: the rows of
-            -- transactions running at lo (committed since), then the range
-            -- from lo's xmax (or the position) to hi's xmax.
-            SELECT coalesce(array_agg(x.u), '{}') INTO win
-              FROM (SELECT u
-                      FROM ((SELECT e AS u
-                               FROM outbox.events e
-                              WHERE e.lane = l AND e.tx = ANY (lo_xip)
-                                AND (e.tx, e.id) > (c.pos_tx, c.pos_id)
-                                AND pg_visible_in_snapshot(e.tx, c.hi)
-                              ORDER BY e.tx, e.id
-                              LIMIT p_limit)
-                            UNION ALL
-                            (SELECT e AS u
-                               FROM outbox.events e
-                              WHERE e.lane = l
-                                AND (e.tx, e.id) > (start_tx, start_id)
-                                AND e.tx < pg_snapshot_xmax(c.hi)
-                                AND pg_visible_in_snapshot(e.tx, c.hi)
-                              ORDER BY e.tx, e.id
-                              LIMIT p_limit)) w
-                     ORDER BY (u).tx, (u).id
-                     LIMIT p_limit) x;
+            win := outbox.window_rows(c, p_limit);
             read_n := cardinality(win);
 
             IF read_n = 0 THEN
@@ -441,56 +489,75 @@ BEGIN
             last_tx := (win[read_n]).tx;
             last_id := (win[read_n]).id;
 
-            RETURN QUERY
-            WITH mine AS (
-                SELECT w.* FROM unnest(win) w
-                 WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
-                        OR w.topic LIKE ANY (sub.like_topics))
-                   AND (NOT retaken OR NOT EXISTS (
-                            SELECT FROM outbox.deliveries d
-                             WHERE d.subscription = p_subscription AND d.tx = w.tx AND d.id = w.id))
-            ), waiting_keys AS (
-                SELECT k.key
-                  FROM (SELECT DISTINCT m.key FROM mine m WHERE m.key IS NOT NULL) k
-                 CROSS JOIN LATERAL (
-                       SELECT 1 FROM outbox.deliveries d
-                        WHERE d.subscription = p_subscription AND d.key = k.key
-                        ORDER BY d.seq
-                        LIMIT 1
-                          FOR KEY SHARE) head
-            ), judged AS (
-                SELECT m.*,
-                       m.available_at > now() AS delayed,
-                       NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like)) AS unrouted,
-                       m.key IN (SELECT wk.key FROM waiting_keys wk) AS behind
-                  FROM mine m
-            ), placed AS (
-                SELECT j.*,
-                       j.delayed OR j.unrouted OR (j.key IS NOT NULL AND bool_or(j.delayed OR j.unrouted OR j.behind)
-                           OVER (PARTITION BY j.key ORDER BY j.tx, j.id)) AS park
-                  FROM judged j
-            ), parked AS (
-                INSERT INTO outbox.deliveries AS d
-                       (subscription, id, tx, topic, key, payload, headers, created_at,
-                        available_at, reason)
-                SELECT p_subscription, p.id, p.tx, p.topic, p.key, p.payload, p.headers, p.created_at,
-                       CASE WHEN p.delayed THEN p.available_at
-                            WHEN p.unrouted THEN now()
-                            ELSE 'infinity' END,
-                       CASE WHEN p.delayed THEN 'delayed'
-                            WHEN p.unrouted THEN 'unrouted'
-                            ELSE 'blocked' END
+            -- The common case, in one pass: nothing of the batch must wait
+            -- (no keyed rows of this subscription in outbox.deliveries, none
+            -- delayed, unrouted or of other topics, not a batch taken over).
+            SELECT bool_or(NOT (sub.all_topics OR w.topic = ANY (sub.exact_topics)
+                                OR w.topic LIKE ANY (sub.like_topics))
+                           OR w.available_at > now()
+                           OR NOT (p_all OR w.topic = ANY (p_exact) OR w.topic LIKE ANY (p_like)))
+              INTO irregular
+              FROM unnest(win) w;
+            IF NOT irregular AND NOT retaken AND NOT EXISTS (
+                   SELECT FROM outbox.deliveries d
+                    WHERE d.subscription = p_subscription AND d.key IS NOT NULL) THEN
+                RETURN QUERY
+                SELECT tok, l::smallint, NULL::bigint, w.tx::text::bigint, w.id, w.topic::text,
+                       w.key, w.payload::text, w.headers::text, w.created_at, now() + lease, 1,
+                       NULL::text, NULL::bigint
+                  FROM unnest(win) w;
+            ELSE
+                RETURN QUERY
+                WITH mine AS (
+                    SELECT w.* FROM unnest(win) w
+                     WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
+                            OR w.topic LIKE ANY (sub.like_topics))
+                       AND (NOT retaken OR NOT EXISTS (
+                                SELECT FROM outbox.deliveries d
+                                 WHERE d.subscription = p_subscription AND d.tx = w.tx AND d.id = w.id))
+                ), waiting_keys AS (
+                    SELECT k.key
+                      FROM (SELECT DISTINCT m.key FROM mine m WHERE m.key IS NOT NULL) k
+                     CROSS JOIN LATERAL (
+                           SELECT 1 FROM outbox.deliveries d
+                            WHERE d.subscription = p_subscription AND d.key = k.key
+                            ORDER BY d.seq
+                            LIMIT 1
+                              FOR KEY SHARE) head
+                ), judged AS (
+                    SELECT m.*,
+                           m.available_at > now() AS delayed,
+                           NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like)) AS unrouted,
+                           m.key IN (SELECT wk.key FROM waiting_keys wk) AS behind
+                      FROM mine m
+                ), placed AS (
+                    SELECT j.*,
+                           j.delayed OR j.unrouted OR (j.key IS NOT NULL AND bool_or(j.delayed OR j.unrouted OR j.behind)
+                               OVER (PARTITION BY j.key ORDER BY j.tx, j.id)) AS park
+                      FROM judged j
+                ), parked AS (
+                    INSERT INTO outbox.deliveries AS d
+                           (subscription, id, tx, topic, key, payload, headers, created_at,
+                            available_at, reason)
+                    SELECT p_subscription, p.id, p.tx, p.topic, p.key, p.payload, p.headers, p.created_at,
+                           CASE WHEN p.delayed THEN p.available_at
+                                WHEN p.unrouted THEN now()
+                                ELSE 'infinity' END,
+                           CASE WHEN p.delayed THEN 'delayed'
+                                WHEN p.unrouted THEN 'unrouted'
+                                ELSE 'blocked' END
+                      FROM placed p
+                     WHERE p.park
+                     ORDER BY p.tx, p.id
+                        ON CONFLICT (subscription, tx, id) DO NOTHING
+                )
+                SELECT tok, l::smallint, NULL::bigint, p.tx::text::bigint, p.id, p.topic::text, p.key,
+                       p.payload::text, p.headers::text, p.created_at, now() + lease, 1, NULL::text,
+                       NULL::bigint
                   FROM placed p
-                 WHERE p.park
-                 ORDER BY p.tx, p.id
-                    ON CONFLICT (subscription, tx, id) DO NOTHING
-            )
-            SELECT tok, l::smallint, NULL::bigint, p.tx::text::bigint, p.id, p.topic::text, p.key,
-                   p.payload::text, p.headers::text, p.created_at, now() + lease, 1, NULL::text,
-                   NULL::bigint
-              FROM placed p
-             WHERE NOT p.park
-             ORDER BY p.tx, p.id;
+                 WHERE NOT p.park
+                 ORDER BY p.tx, p.id;
+            END IF;
             GET DIAGNOSTICS got = ROW_COUNT;
 
             IF got > 0 THEN
@@ -613,6 +680,20 @@ DECLARE
     settled bigint[] := '{}';
     done_keys text[];
 BEGIN
+    -- The common case: a batch of the log, all delivered.
+    IF p_lane IS NOT NULL AND NOT EXISTS (
+           SELECT FROM unnest(seqs, verdicts) AS x(seq, verdict)
+            WHERE x.seq IS NOT NULL OR x.verdict <> 'delivered') THEN
+        UPDATE outbox.cursors k
+           SET pos_tx = k.batch_tx, pos_id = k.batch_id, done = k.batch_done,
+               batch_tx = NULL, batch_id = NULL, batch_done = NULL,
+               claimed_by = NULL, token = NULL, lease_until = NULL
+         WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token;
+        IF FOUND THEN
+            RETURN QUERY SELECT unnest(ids);
+        END IF;
+        RETURN;
+    END IF;
     IF p_lane IS NOT NULL THEN
         SELECT * INTO c FROM outbox.cursors k
          WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token
