@@ -10,6 +10,10 @@ mod migrations;
 mod prepared;
 mod publish;
 mod queue;
+#[cfg(test)]
+mod relay_model_tests;
+#[cfg(test)]
+mod relay_race_tests;
 // The test bed of the integration tests (a database per test), shared by
 // the in-crate protocol tests below.
 #[cfg(test)]

@@ -1,67 +1,234 @@
-//! The races of the claim / defer / settle protocol, each replayed in its
-//! exact interleaving with transactions and locks the test holds (the psql
-//! scenarios of issue 12, with the crate's own statements). No sleeps: a
-//! step that must wait is observed waiting in `pg_stat_activity`.
+//! The races of the subscription log (migration 000005), each replayed in
+//! its exact interleaving with transactions and locks the test holds: late
+//! commits, a claim parking behind a head that a settle is deleting,
+//! fencing by the lane's and the rows' tokens, a batch taken over after its
+//! relay parked rows, a retry holding its key, and `outbox.reclaim` against
+//! cursors and readers. No sleeps: a step that must wait is observed
+//! waiting in `pg_stat_activity`.
 
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Integer};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 
-use super::claim::{claim, defer, Claimed, TopicFilter};
+use super::claim::{claim, Place, TopicFilter};
 use super::pg;
-use super::settle::{settle, Verdict};
+use super::settle::{settle, Settlement, Verdict};
+use super::subscriptions::{reclaim, subscribe};
 use crate::event::EventId;
 
 const LEASE: Duration = Duration::from_secs(30);
+const DEFAULT: &str = "default";
 
-fn everything() -> TopicFilter {
+pub(super) fn everything() -> TopicFilter {
     TopicFilter {
         all: true,
         ..TopicFilter::default()
     }
 }
 
-fn claim_as(conn: &mut PgConnection, relay: &str) -> Claimed {
-    claim(conn, relay, 50, LEASE, &everything()).unwrap()
+/// One claimed row, as the tests look at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Got {
+    pub(super) id: i64,
+    pub(super) key: Option<String>,
+    pub(super) place: Place,
+    pub(super) attempts: i32,
 }
 
-fn publish(conn: &mut PgConnection, key: &str, payload: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
+/// A claimed batch: its token, the lane it holds (if any), its rows.
+#[derive(Debug)]
+pub(super) struct Batch {
+    pub(super) token: i64,
+    pub(super) lane: Option<i16>,
+    pub(super) rows: Vec<Got>,
+}
+
+impl Batch {
+    pub(super) fn ids(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.id).collect()
     }
+
+    /// Every row with the same verdict.
+    fn all(&self, verdict: Verdict) -> Vec<(i64, Verdict)> {
+        self.rows.iter().map(|r| (r.id, verdict.clone())).collect()
+    }
+}
+
+/// Claims up to `limit` rows of `subscription` for `routed` topics,
+/// starting the lane search at `lane`.
+pub(super) fn claim_as(
+    conn: &mut PgConnection,
+    subscription: &str,
+    lane: usize,
+    relay: &str,
+    limit: i64,
+    lease: Duration,
+    routed: &TopicFilter,
+) -> Batch {
+    let claimed = claim(conn, subscription, lane, relay, limit, lease, routed).expect("claim");
+    let rows = claimed
+        .rows
+        .into_iter()
+        .map(|row| {
+            let place = row.place();
+            let (event, _) = row.into_event(subscription);
+            Got {
+                id: event.id.0,
+                key: event.key,
+                place,
+                attempts: event.attempts,
+            }
+        })
+        .collect();
+    Batch {
+        token: claimed.token,
+        lane: claimed.lane,
+        rows,
+    }
+}
+
+fn claim_one(conn: &mut PgConnection, subscription: &str, relay: &str) -> Batch {
+    claim_as(conn, subscription, 0, relay, 50, LEASE, &everything())
+}
+
+/// Settles `verdicts` (by id) of `batch`; returns the ids settled, sorted.
+pub(super) fn settle_ids(
+    conn: &mut PgConnection,
+    subscription: &str,
+    batch: &Batch,
+    verdicts: &[(i64, Verdict)],
+) -> Vec<i64> {
+    let items: Vec<Settlement> = verdicts
+        .iter()
+        .map(|(id, verdict)| Settlement {
+            id: EventId(*id),
+            place: batch
+                .rows
+                .iter()
+                .find(|r| r.id == *id)
+                .expect("in batch")
+                .place,
+            verdict: verdict.clone(),
+        })
+        .collect();
+    let mut settled: Vec<i64> = settle(conn, subscription, batch.token, batch.lane, &items)
+        .expect("settle")
+        .into_iter()
+        .map(|id| id.0)
+        .collect();
+    settled.sort_unstable();
+    settled
+}
+
+fn retry(delay: Duration) -> Verdict {
+    Verdict::Retry {
+        delay,
+        error: "sink: try again".into(),
+    }
+}
+
+#[derive(QueryableByName)]
+pub(super) struct Id {
+    #[diesel(sql_type = BigInt)]
+    pub(super) id: i64,
+}
+
+pub(super) fn publish(
+    conn: &mut PgConnection,
+    topic: &str,
+    key: Option<&str>,
+    delay_s: i64,
+) -> i64 {
     diesel::sql_query(
-        "INSERT INTO outbox.events (topic, key, payload) VALUES ('t', $1, $2::jsonb) RETURNING id",
+        "INSERT INTO outbox.events (topic, key, payload, available_at)
+         VALUES ($1, $2, '{}', now() + $3 * interval '1 second') RETURNING id",
     )
-    .bind::<diesel::sql_types::Text, _>(key)
-    .bind::<diesel::sql_types::Text, _>(payload)
+    .bind::<Text, _>(topic)
+    .bind::<Nullable<Text>, _>(key)
+    .bind::<BigInt, _>(delay_s)
     .get_result::<Id>(conn)
-    .unwrap()
+    .expect("publish")
     .id
 }
 
-/// (deferred, due now, has a claim token) of event `id`.
-fn state(conn: &mut PgConnection, id: i64) -> (bool, bool, bool) {
+/// The rows of `outbox.deliveries` of `subscription` in queue order:
+/// (id, reason, "due" | "later" | "infinity").
+fn parked(conn: &mut PgConnection, subscription: &str) -> Vec<(i64, String, String)> {
     #[derive(QueryableByName)]
     struct Row {
-        #[diesel(sql_type = Bool)]
-        deferred: bool,
-        #[diesel(sql_type = Bool)]
-        due: bool,
-        #[diesel(sql_type = Bool)]
-        claimed: bool,
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = Text)]
+        reason: String,
+        #[diesel(sql_type = Text)]
+        due: String,
     }
-    let row: Row = diesel::sql_query(
-        "SELECT deferred, available_at <= now() AS due, claim_token IS NOT NULL AS claimed
-           FROM outbox.events WHERE id = $1",
+    diesel::sql_query(
+        "SELECT id, reason,
+                CASE WHEN available_at = 'infinity' THEN 'infinity'
+                     WHEN available_at <= now() THEN 'due' ELSE 'later' END AS due
+           FROM outbox.deliveries WHERE subscription = $1 ORDER BY seq",
     )
-    .bind::<BigInt, _>(id)
-    .get_result(conn)
-    .unwrap();
-    (row.deferred, row.due, row.claimed)
+    .bind::<Text, _>(subscription)
+    .load::<Row>(conn)
+    .expect("reading outbox.deliveries")
+    .into_iter()
+    .map(|r| (r.id, r.reason, r.due))
+    .collect()
+}
+
+fn p(id: i64, reason: &str, due: &str) -> (i64, String, String) {
+    (id, reason.to_owned(), due.to_owned())
+}
+
+fn execute(conn: &mut PgConnection, sql: &str) {
+    conn.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Makes the rows of `outbox.deliveries` with these ids due now.
+fn make_due(conn: &mut PgConnection, ids: &[i64]) {
+    diesel::sql_query("UPDATE outbox.deliveries SET available_at = now() WHERE id = ANY($1)")
+        .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+        .execute(conn)
+        .expect("making rows due");
+}
+
+/// Runs out the lease of the batch under `token`: its lane and its rows.
+pub(super) fn expire(conn: &mut PgConnection, token: i64) {
+    diesel::sql_query(
+        "UPDATE outbox.cursors SET lease_until = now() - interval '1 second' WHERE token = $1",
+    )
+    .bind::<BigInt, _>(token)
+    .execute(conn)
+    .expect("expiring a lane lease");
+    diesel::sql_query(
+        "UPDATE outbox.deliveries SET available_at = now() - interval '1 second' WHERE token = $1",
+    )
+    .bind::<BigInt, _>(token)
+    .execute(conn)
+    .expect("expiring row leases");
+}
+
+/// `n` distinct keys that hash to the same lane.
+fn keys_in_one_lane(conn: &mut PgConnection, n: i64) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = Text)]
+        key: String,
+    }
+    diesel::sql_query(
+        "SELECT key FROM (SELECT 'k' || i AS key, i FROM generate_series(1, 200) i) k
+          WHERE (hashtext(key) & 7) = (hashtext('k1') & 7) ORDER BY i LIMIT $1",
+    )
+    .bind::<BigInt, _>(n)
+    .load::<Key>(conn)
+    .expect("finding keys of one lane")
+    .into_iter()
+    .map(|k| k.key)
+    .collect()
 }
 
 fn backend_pid(conn: &mut PgConnection) -> i32 {
@@ -72,7 +239,7 @@ fn backend_pid(conn: &mut PgConnection) -> i32 {
     }
     diesel::sql_query("SELECT pg_backend_pid() AS pid")
         .get_result::<Pid>(conn)
-        .unwrap()
+        .expect("backend pid")
         .pid
 }
 
@@ -91,7 +258,7 @@ fn until_waiting_for_a_lock(observer: &mut PgConnection, pid: i32) {
         )
         .bind::<Integer, _>(pid)
         .get_result(observer)
-        .unwrap();
+        .expect("reading pg_stat_activity");
         if row.waiting {
             return;
         }
@@ -100,205 +267,629 @@ fn until_waiting_for_a_lock(observer: &mut PgConnection, pid: i32) {
     }
 }
 
-/// Settles one event on `settler` in a thread of its own, waits until that
-/// settle is seen waiting for a lock, then commits the transaction open on
-/// `holder` (which holds it) and returns what the settle settled.
-fn settle_behind(
-    mut settler: PgConnection,
-    token: i64,
-    verdict: (EventId, Verdict),
-    holder: &mut PgConnection,
-    observer: &mut PgConnection,
-) -> Vec<EventId> {
+/// A late commit is never skipped, for the default subscription and a
+/// named one: an event whose transaction is still open while a later one
+/// is claimed and settled comes in the next window once it commits.
+fn late_commit_is_read_in_the_next_window(key: Option<&str>) {
+    let db = pg::test_db();
+    let (mut t1, mut relay) = (db.conn(), db.conn());
+    subscribe(&mut relay, "audit", &["*".into()], &everything()).unwrap();
+    let subs = [DEFAULT, "audit"];
+
+    execute(&mut t1, "BEGIN");
+    let a = publish(&mut t1, "t", key, 0);
+    let b = publish(&mut relay, "t", key, 0);
+    assert!(a < b);
+    for sub in subs {
+        let batch = claim_one(&mut relay, sub, "r");
+        assert_eq!(batch.ids(), [b], "{sub}: only the committed event");
+        let settled = settle_ids(&mut relay, sub, &batch, &batch.all(Verdict::Delivered));
+        assert_eq!(settled, [b]);
+        assert_eq!(claim_one(&mut relay, sub, "r").ids(), Vec::<i64>::new());
+    }
+    execute(&mut t1, "COMMIT");
+    for sub in subs {
+        let batch = claim_one(&mut relay, sub, "r");
+        assert_eq!(batch.ids(), [a], "{sub}: the late commit");
+        assert!(matches!(batch.rows[0].place, Place::Log { .. }));
+        let settled = settle_ids(&mut relay, sub, &batch, &batch.all(Verdict::Delivered));
+        assert_eq!(settled, [a]);
+        assert_eq!(claim_one(&mut relay, sub, "r").ids(), Vec::<i64>::new());
+        assert_eq!(parked(&mut relay, sub), []);
+    }
+}
+
+#[test]
+fn a_late_commit_of_a_key_is_delivered_in_the_next_window() {
+    late_commit_is_read_in_the_next_window(Some("k"));
+}
+
+#[test]
+fn a_late_keyless_commit_is_delivered_in_the_next_window() {
+    late_commit_is_read_in_the_next_window(None);
+}
+
+/// A head `h` of key `k` in `outbox.deliveries`, claimed by relay `r1`
+/// (the returned batch), and a later event `r` of `k` in the log, unread.
+fn head_in_flight_and_a_follower(conn: &mut PgConnection) -> (Batch, i64) {
+    let h = publish(conn, "t", Some("k"), 0);
+    let first = claim_one(conn, DEFAULT, "r1");
+    let settled = settle_ids(conn, DEFAULT, &first, &first.all(retry(Duration::ZERO)));
+    assert_eq!(settled, [h]);
+    let held = claim_one(conn, DEFAULT, "r1");
+    assert_eq!(held.ids(), [h]);
+    assert!(matches!(held.rows[0].place, Place::Deliveries { .. }));
+    let r = publish(conn, "t", Some("k"), 0);
+    (held, r)
+}
+
+/// Claim first: the claim parks R behind H and holds `FOR KEY SHARE` on H;
+/// a settle deleting H waits for the claim, and its wake (a later
+/// statement) sees R and makes it due: never stranded at 'infinity'.
+fn settle_waiting_for_a_parking_claim_wakes_what_it_parked(verdict: Verdict) {
+    let db = pg::test_db();
+    let (mut claimer, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
+    let (held, r) = head_in_flight_and_a_follower(&mut observer);
+    let h = held.rows[0].id;
+
+    execute(&mut claimer, "BEGIN");
+    let parking = claim_one(&mut claimer, DEFAULT, "r2");
+    assert_eq!(parking.ids(), Vec::<i64>::new(), "R waits behind H");
+    assert_eq!(
+        parked(&mut claimer, DEFAULT),
+        [p(h, "retry", "later"), p(r, "blocked", "infinity")]
+    );
+
     let pid = backend_pid(&mut settler);
-    let settling = std::thread::spawn(move || settle(&mut settler, token, &[verdict]).unwrap());
-    until_waiting_for_a_lock(observer, pid);
-    holder.batch_execute("COMMIT").unwrap();
-    settling.join().unwrap()
-}
+    let settling = std::thread::spawn(move || {
+        let settled = settle_ids(&mut settler, DEFAULT, &held, &held.all(verdict));
+        (settled, settler)
+    });
+    until_waiting_for_a_lock(&mut observer, pid);
+    execute(&mut claimer, "COMMIT");
+    let (settled, _settler) = settling.join().unwrap();
 
-/// Scenario 1 (and 1b): the settle's DELETE waits for a deferral's
-/// `FOR KEY SHARE` on the deleted event, so its snapshot cannot show the
-/// deferral. The settle must still wake the successor, in its own
-/// transaction: nothing after it (a second look, a sweep) is needed, so a
-/// relay dying right after sending it, or losing the reply, strands nothing.
-#[test]
-fn a_settle_that_waited_for_a_deferral_still_wakes_the_successor() {
-    let db = pg::test_db();
-    let (mut r1, mut r2, mut observer) = (db.conn(), db.conn(), db.conn());
-    let a = publish(&mut observer, "k", "{}");
-    let held = claim_as(&mut r1, "r1");
-    assert_eq!(held.rows.len(), 1);
-    let b = publish(&mut observer, "k", "{}");
-    let blocked = claim_as(&mut r2, "r2");
-    assert_eq!(blocked.blocked, [b]);
-
-    // R2 defers B and has not committed: it holds KEY SHARE on A.
-    r2.batch_execute("BEGIN").unwrap();
-    assert_eq!(defer(&mut r2, &[b]).unwrap(), 1);
-
-    // R1 settles A; its DELETE waits for R2.
-    let verdict = (EventId(a), Verdict::Delivered);
-    let settled = settle_behind(r1, held.token, verdict, &mut r2, &mut observer);
-
-    assert_eq!(settled, [EventId(a)]);
+    assert_eq!(settled, [h]);
+    assert_eq!(parked(&mut observer, DEFAULT), [p(r, "blocked", "due")]);
+    let next = claim_one(&mut observer, DEFAULT, "r3");
+    assert_eq!(next.ids(), [r]);
+    let settled = settle_ids(&mut observer, DEFAULT, &next, &next.all(Verdict::Delivered));
+    assert_eq!(settled, [r]);
+    assert_eq!(parked(&mut observer, DEFAULT), []);
     assert_eq!(
-        state(&mut observer, b),
-        (false, true, false),
-        "B must be due and no longer deferred"
+        claim_one(&mut observer, DEFAULT, "r3").ids(),
+        Vec::<i64>::new()
     );
 }
 
-/// The same race when the settle dead-letters an unreadable event (a row
-/// the relay could not even parse): the keys come from the DELETE itself.
 #[test]
-fn dead_lettering_an_unreadable_event_wakes_its_successor_too() {
-    let db = pg::test_db();
-    let (mut r1, mut r2, mut observer) = (db.conn(), db.conn(), db.conn());
-    // Valid jsonb that serde_json refuses to read.
-    let a = publish(&mut observer, "k", "[1e400]");
-    let mut held = claim_as(&mut r1, "r1");
-    assert!(held.rows.remove(0).into_event().1.is_some());
-    let b = publish(&mut observer, "k", "{}");
-    assert_eq!(claim_as(&mut r2, "r2").blocked, [b]);
-    r2.batch_execute("BEGIN").unwrap();
-    assert_eq!(defer(&mut r2, &[b]).unwrap(), 1);
-
-    let dead = Verdict::Dead {
-        error: "unreadable event".into(),
-    };
-    let settled = settle_behind(r1, held.token, (EventId(a), dead), &mut r2, &mut observer);
-
-    assert_eq!(settled, [EventId(a)]);
-    assert_eq!(state(&mut observer, b), (false, true, false));
+fn a_delivery_settled_while_a_claim_parks_behind_it_wakes_the_parked_row() {
+    settle_waiting_for_a_parking_claim_wakes_what_it_parked(Verdict::Delivered);
 }
 
-/// Scenario 2: a claim in progress holds B (`FOR UPDATE` in its window).
-/// A defer of B must not wait for it: the deferring relay has a batch
-/// waiting for delivery whose lease is running. It skips B instead.
 #[test]
-fn a_defer_never_waits_for_a_claim_that_holds_its_event() {
-    let db = pg::test_db();
-    let (mut r1, mut r2, mut r3) = (db.conn(), db.conn(), db.conn());
-    publish(&mut r1, "k", "{}");
-    claim_as(&mut r1, "r1");
-    let b = publish(&mut r1, "k", "{}");
-    assert_eq!(claim_as(&mut r2, "r2").blocked, [b]);
-
-    r3.batch_execute("BEGIN").unwrap();
-    diesel::sql_query("SELECT id FROM outbox.events WHERE id = $1 FOR UPDATE")
-        .bind::<BigInt, _>(b)
-        .execute(&mut r3)
-        .unwrap();
-    // Waiting would hit the timeout and fail the defer.
-    r2.batch_execute("SET lock_timeout = '5s'").unwrap();
-    assert_eq!(defer(&mut r2, &[b]).unwrap(), 0);
-    r3.batch_execute("ROLLBACK").unwrap();
-    assert_eq!(state(&mut r1, b), (false, true, false));
+fn a_dead_letter_settled_while_a_claim_parks_behind_it_wakes_the_parked_row() {
+    settle_waiting_for_a_parking_claim_wakes_what_it_parked(Verdict::Dead {
+        error: "refused".into(),
+    });
 }
 
-/// A defer is fenced: an event another relay claimed after this relay saw
-/// it blocked is left as that relay holds it.
+/// Settle first: the settle has deleted H (and woken nothing: R is not
+/// parked yet) and is still open. The claim's `FOR KEY SHARE` on H waits
+/// for it; once H is gone for good the claim finds no head of k and
+/// returns R from the log, after H.
 #[test]
-fn a_defer_leaves_alone_an_event_another_relay_claimed_since() {
+fn a_claim_waiting_for_a_settle_that_deletes_the_head_delivers_the_follower() {
     let db = pg::test_db();
-    let (mut r1, mut r2, mut r3) = (db.conn(), db.conn(), db.conn());
-    let a = publish(&mut r1, "k", "{}");
-    let held = claim_as(&mut r1, "r1");
-    let b = publish(&mut r1, "k", "{}");
-    assert_eq!(claim_as(&mut r2, "r2").blocked, [b]);
-    // Before R2 defers B, A is delivered and R3 claims B.
-    settle(&mut r1, held.token, &[(EventId(a), Verdict::Delivered)]).unwrap();
-    let taken = claim_as(&mut r3, "r3");
-    assert_eq!(taken.rows.len(), 1);
+    let (mut claimer, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
+    let (held, r) = head_in_flight_and_a_follower(&mut observer);
+    let h = held.rows[0].id;
 
-    assert_eq!(defer(&mut r2, &[b]).unwrap(), 0);
-    assert_eq!(
-        state(&mut r1, b),
-        (false, false, true),
-        "B is R3's, in flight"
+    execute(&mut settler, "BEGIN");
+    let settled = settle_ids(&mut settler, DEFAULT, &held, &held.all(Verdict::Delivered));
+    assert_eq!(settled, [h]);
+
+    let pid = backend_pid(&mut claimer);
+    let claiming = std::thread::spawn(move || {
+        let batch = claim_one(&mut claimer, DEFAULT, "r2");
+        (batch, claimer)
+    });
+    until_waiting_for_a_lock(&mut observer, pid);
+    execute(&mut settler, "COMMIT");
+    let (batch, mut claimer) = claiming.join().unwrap();
+
+    assert_eq!(batch.ids(), [r]);
+    assert!(matches!(batch.rows[0].place, Place::Log { .. }));
+    assert_eq!(parked(&mut observer, DEFAULT), []);
+    let settled = settle_ids(
+        &mut claimer,
+        DEFAULT,
+        &batch,
+        &batch.all(Verdict::Delivered),
     );
-    let settled = settle(&mut r3, taken.token, &[(EventId(b), Verdict::Delivered)]).unwrap();
-    assert_eq!(settled, [EventId(b)]);
+    assert_eq!(settled, [r]);
+    assert_eq!(
+        claim_one(&mut observer, DEFAULT, "r3").ids(),
+        Vec::<i64>::new()
+    );
 }
 
-/// A predecessor locked by someone's own long transaction: the defer
-/// cannot lock it, so it sets the event aside for a moment (not flagged
-/// deferred) and the next claims do not read it again at once: no spin.
+/// Fencing: relay A's lease ran out and relay B took the lane and the
+/// deliveries row over. A's settle settles nothing (whatever its
+/// verdicts), B's settles everything.
 #[test]
-fn a_defer_that_cannot_lock_the_predecessor_sets_the_event_aside() {
+fn a_settle_after_the_lease_was_taken_over_settles_nothing() {
     let db = pg::test_db();
-    let (mut relay, mut operator) = (db.conn(), db.conn());
-    let a = publish(&mut relay, "k", "{}");
-    let b = publish(&mut relay, "k", "{}");
-    operator.batch_execute("BEGIN").unwrap();
-    diesel::sql_query("SELECT id FROM outbox.events WHERE id = $1 FOR UPDATE")
-        .bind::<BigInt, _>(a)
-        .execute(&mut operator)
-        .unwrap();
+    let (mut a, mut b, mut observer) = (db.conn(), db.conn(), db.conn());
+    // A deliveries row of key d, due now.
+    let d = publish(&mut observer, "t", Some("d"), 0);
+    let first = claim_one(&mut observer, DEFAULT, "x");
+    settle_ids(
+        &mut observer,
+        DEFAULT,
+        &first,
+        &first.all(retry(Duration::ZERO)),
+    );
+    let e1 = publish(&mut observer, "t", Some("e"), 0);
+    let e2 = publish(&mut observer, "t", Some("e"), 0);
 
-    let first = claim_as(&mut relay, "r");
-    assert!(first.rows.is_empty(), "A is locked, B is blocked");
-    assert_eq!(first.blocked, [b]);
-    assert_eq!(defer(&mut relay, &[b]).unwrap(), 1);
-    assert_eq!(state(&mut relay, b), (false, false, false), "set aside");
-    let again = claim_as(&mut relay, "r");
-    assert!(again.rows.is_empty() && again.blocked.is_empty());
-    operator.batch_execute("ROLLBACK").unwrap();
+    let by_a = claim_one(&mut a, DEFAULT, "a");
+    assert_eq!(by_a.ids(), [e1, e2, d]);
+    let lane = by_a.lane.expect("a lane");
+    expire(&mut observer, by_a.token);
+    let by_b = claim_one(&mut b, DEFAULT, "b");
+    assert_eq!(
+        by_b.ids(),
+        [e1, e2, d],
+        "B reads the lane again, and takes d"
+    );
+    assert_eq!(by_b.lane, Some(lane));
+    assert_eq!(
+        by_b.rows[2].attempts, 3,
+        "d: one failed attempt, two claims"
+    );
+
+    let verdicts = [
+        (
+            e1,
+            Verdict::Dead {
+                error: "a: refused".into(),
+            },
+        ),
+        (e2, retry(Duration::ZERO)),
+        (
+            d,
+            Verdict::Dead {
+                error: "a: refused".into(),
+            },
+        ),
+    ];
+    assert_eq!(
+        settle_ids(&mut a, DEFAULT, &by_a, &verdicts),
+        Vec::<i64>::new()
+    );
+    assert_eq!(dead_letters(&mut observer), Vec::<i64>::new());
+    assert_eq!(parked(&mut observer, DEFAULT), [p(d, "retry", "later")]);
+
+    let settled = settle_ids(&mut b, DEFAULT, &by_b, &by_b.all(Verdict::Delivered));
+    let mut all = vec![e1, e2, d];
+    all.sort_unstable();
+    assert_eq!(settled, all);
+    assert_eq!(parked(&mut observer, DEFAULT), []);
+    assert_eq!(
+        claim_one(&mut observer, DEFAULT, "c").ids(),
+        Vec::<i64>::new()
+    );
+    // Too late as well once B is done.
+    assert_eq!(
+        settle_ids(&mut a, DEFAULT, &by_a, &by_a.all(Verdict::Delivered)),
+        Vec::<i64>::new()
+    );
 }
 
-/// A defer never defers behind nothing: an event whose earlier events are
-/// gone by the time of the defer stays due.
-#[test]
-fn a_defer_after_the_predecessor_is_gone_leaves_the_event_due() {
-    let db = pg::test_db();
-    let (mut r1, mut r2) = (db.conn(), db.conn());
-    let a = publish(&mut r1, "k", "{}");
-    let held = claim_as(&mut r1, "r1");
-    let b = publish(&mut r1, "k", "{}");
-    assert_eq!(claim_as(&mut r2, "r2").blocked, [b]);
-    settle(&mut r1, held.token, &[(EventId(a), Verdict::Delivered)]).unwrap();
-    assert_eq!(defer(&mut r2, &[b]).unwrap(), 0);
-    assert_eq!(state(&mut r2, b), (false, true, false));
+fn dead_letters(conn: &mut PgConnection) -> Vec<i64> {
+    diesel::sql_query("SELECT id FROM outbox.dead_letters ORDER BY id")
+        .load::<Id>(conn)
+        .expect("reading dead letters")
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
 }
 
-/// A dead letter of a key replayed (same, lower id) while a later event of
-/// the key is in flight: it must wait, so that at most one event of a key
-/// is in flight, then follow once that event is settled.
+/// Keys `k`, `a`, `b` of one lane; `h`, the head of `k`, waits in
+/// `outbox.deliveries` (a retry due in an hour). Relay A then claims the
+/// lane's window [p1 (k), r1 (a), p2 (b, delayed an hour)]: it parks p1
+/// behind h and p2 as delayed, and returns r1. Returns (A's batch, h, p1,
+/// r1, p2).
+fn a_batch_that_parked_rows(conn: &mut PgConnection) -> (Batch, i64, i64, i64, i64) {
+    let keys = keys_in_one_lane(conn, 3);
+    let (k, a, b) = (
+        Some(keys[0].as_str()),
+        Some(keys[1].as_str()),
+        Some(keys[2].as_str()),
+    );
+    let h = publish(conn, "t", k, 0);
+    let first = claim_one(conn, DEFAULT, "x");
+    settle_ids(
+        conn,
+        DEFAULT,
+        &first,
+        &first.all(retry(Duration::from_secs(3600))),
+    );
+    let p1 = publish(conn, "t", k, 0);
+    let r1 = publish(conn, "t", a, 0);
+    let p2 = publish(conn, "t", b, 3600);
+    let by_a = claim_one(conn, DEFAULT, "a");
+    assert_eq!(by_a.ids(), [r1]);
+    assert_eq!(
+        parked(conn, DEFAULT),
+        [
+            p(h, "retry", "later"),
+            p(p1, "blocked", "infinity"),
+            p(p2, "delayed", "later")
+        ]
+    );
+    (by_a, h, p1, r1, p2)
+}
+
+/// The first holder died after parking rows: the relay that takes the lane
+/// over reads the same window but parks nothing twice and returns only
+/// what A returned.
 #[test]
-fn a_replayed_dead_letter_waits_while_a_later_event_of_its_key_is_in_flight() {
+fn a_batch_taken_over_after_parking_neither_parks_nor_returns_those_rows_again() {
     let db = pg::test_db();
-    let (mut r1, mut r2) = (db.conn(), db.conn());
-    let a = publish(&mut r1, "k", "{}");
-    let first = claim_as(&mut r1, "r1");
+    let (mut relay, mut observer) = (db.conn(), db.conn());
+    let (by_a, h, p1, r1, p2) = a_batch_that_parked_rows(&mut observer);
+
+    expire(&mut observer, by_a.token);
+    let by_b = claim_one(&mut relay, DEFAULT, "b");
+    assert_eq!(by_b.ids(), [r1]);
+    assert_eq!(by_b.lane, by_a.lane);
+    assert_eq!(
+        parked(&mut observer, DEFAULT),
+        [
+            p(h, "retry", "later"),
+            p(p1, "blocked", "infinity"),
+            p(p2, "delayed", "later")
+        ]
+    );
+    assert_eq!(
+        settle_ids(&mut relay, DEFAULT, &by_b, &by_b.all(Verdict::Delivered)),
+        [r1]
+    );
+
+    // The rest comes out once, in key order, from outbox.deliveries only.
+    let mut delivered = vec![r1];
+    make_due(&mut observer, &[h, p2]);
+    for _ in 0..3 {
+        let batch = claim_one(&mut relay, DEFAULT, "b");
+        assert!(batch
+            .rows
+            .iter()
+            .all(|r| matches!(r.place, Place::Deliveries { .. })));
+        settle_ids(&mut relay, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+        delivered.extend(batch.ids());
+    }
+    assert_eq!(delivered, [r1, h, p2, p1]);
+    assert_eq!(parked(&mut observer, DEFAULT), []);
+    assert_eq!(claim_one(&mut relay, DEFAULT, "b").ids(), Vec::<i64>::new());
+}
+
+/// As above, but the parked rows were settled (p1 delivered after its head,
+/// p2 dead-lettered) before the lane was taken over: the takeover must not
+/// read them from the log as new and deliver (or park) them again.
+#[test]
+#[ignore = "product bug: a takeover of a lane re-reads rows the dead batch parked once their deliveries rows are gone; p1 is returned again and p2, dead-lettered, is parked again (outbox.claim excludes only rows still in outbox.deliveries)"]
+fn rows_parked_by_a_dead_batch_and_settled_since_are_not_delivered_again_from_the_log() {
+    let db = pg::test_db();
+    let (mut relay, mut observer) = (db.conn(), db.conn());
+    let (by_a, h, p1, r1, p2) = a_batch_that_parked_rows(&mut observer);
+
+    // While A still holds the lane, another relay serves the deliveries.
+    make_due(&mut observer, &[h]);
+    for expected in [h, p1] {
+        let batch = claim_one(&mut relay, DEFAULT, "c");
+        assert_eq!(batch.ids(), [expected]);
+        settle_ids(&mut relay, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    }
+    make_due(&mut observer, &[p2]);
+    let batch = claim_one(&mut relay, DEFAULT, "c");
+    assert_eq!(batch.ids(), [p2]);
     let dead = Verdict::Dead {
         error: "refused".into(),
     };
-    settle(&mut r1, first.token, &[(EventId(a), dead)]).unwrap();
-    let b = publish(&mut r1, "k", "{}");
-    let held = claim_as(&mut r1, "r1");
-    assert_eq!(held.rows.len(), 1, "B in flight");
+    settle_ids(&mut relay, DEFAULT, &batch, &batch.all(dead));
+    assert_eq!(parked(&mut observer, DEFAULT), []);
 
-    let replayed = crate::replay_dead_letters(
-        &mut r2,
-        &crate::Selection::Ids(vec![EventId(a)]),
-        10,
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(replayed, 1);
-    let second = claim_as(&mut r2, "r2");
-    assert!(second.rows.is_empty(), "A must wait while B is in flight");
-    assert_eq!(second.blocked, [a]);
-    assert_eq!(defer(&mut r2, &[a]).unwrap(), 1, "set aside");
-    assert_eq!(state(&mut r2, a), (false, false, false));
+    expire(&mut observer, by_a.token);
+    let by_b = claim_one(&mut relay, DEFAULT, "b");
+    assert_eq!(
+        by_b.ids(),
+        [r1],
+        "p1 was delivered, p2 dead-lettered already"
+    );
+    assert_eq!(parked(&mut observer, DEFAULT), [], "nothing parked again");
+    assert_eq!(dead_letters(&mut observer), [p2]);
+}
 
-    settle(&mut r1, held.token, &[(EventId(b), Verdict::Delivered)]).unwrap();
-    diesel::sql_query("UPDATE outbox.events SET available_at = now() WHERE id = $1")
-        .bind::<BigInt, _>(a)
-        .execute(&mut r2)
-        .unwrap();
-    let third = claim_as(&mut r2, "r2");
-    assert_eq!(third.rows.len(), 1, "A follows once B is settled");
-    assert!(third.blocked.is_empty());
+/// A retry holds its key: the key's later events wait (blocked, at
+/// 'infinity') while another key of the same lane goes on through the
+/// cursor; once the retry is delivered they come out one at a time, in
+/// order.
+#[test]
+fn a_retry_holds_its_key_while_other_keys_of_the_lane_pass() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let keys = keys_in_one_lane(&mut conn, 2);
+    let (a, b) = (Some(keys[0].as_str()), Some(keys[1].as_str()));
+    let a1 = publish(&mut conn, "t", a, 0);
+    let first = claim_one(&mut conn, DEFAULT, "r");
+    settle_ids(
+        &mut conn,
+        DEFAULT,
+        &first,
+        &first.all(retry(Duration::from_secs(3600))),
+    );
+    let a2 = publish(&mut conn, "t", a, 0);
+    let b1 = publish(&mut conn, "t", b, 0);
+    let a3 = publish(&mut conn, "t", a, 0);
+    let b2 = publish(&mut conn, "t", b, 0);
+
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [b1, b2]);
+    assert_eq!(
+        parked(&mut conn, DEFAULT),
+        [
+            p(a1, "retry", "later"),
+            p(a2, "blocked", "infinity"),
+            p(a3, "blocked", "infinity")
+        ]
+    );
+    assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
+        [b1, b2]
+    );
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+
+    make_due(&mut conn, &[a1]);
+    for expected in [a1, a2, a3] {
+        let batch = claim_one(&mut conn, DEFAULT, "r");
+        assert_eq!(batch.ids(), [expected], "one at a time, in order");
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    }
+    assert_eq!(parked(&mut conn, DEFAULT), []);
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+}
+
+/// Within a batch: the relay holds the events of a key after one that
+/// failed; the settle copies them behind it, in order, and they follow it.
+#[test]
+fn events_held_behind_a_retry_in_the_same_batch_follow_it_in_order() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let a1 = publish(&mut conn, "t", Some("a"), 0);
+    let a2 = publish(&mut conn, "t", Some("a"), 0);
+    let a3 = publish(&mut conn, "t", Some("a"), 0);
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [a1, a2, a3]);
+    let verdicts = [
+        (a1, retry(Duration::from_secs(3600))),
+        (a2, Verdict::Held),
+        (a3, Verdict::Held),
+    ];
+    assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &verdicts),
+        [a1, a2, a3]
+    );
+    assert_eq!(
+        parked(&mut conn, DEFAULT),
+        [
+            p(a1, "retry", "later"),
+            p(a2, "blocked", "infinity"),
+            p(a3, "blocked", "infinity")
+        ]
+    );
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+    make_due(&mut conn, &[a1]);
+    for expected in [a1, a2, a3] {
+        let batch = claim_one(&mut conn, DEFAULT, "r");
+        assert_eq!(batch.ids(), [expected]);
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    }
+    assert_eq!(parked(&mut conn, DEFAULT), []);
+}
+
+#[derive(QueryableByName)]
+struct Xid {
+    #[diesel(sql_type = BigInt)]
+    xid: i64,
+}
+
+/// Burns transaction ids (one subtransaction that writes per id) until the
+/// next one is in a later 2^14-xid range than `xid`.
+fn burn_xids_past_the_range_of(conn: &mut PgConnection, xid: i64) {
+    let end = ((xid >> 14) + 1) << 14;
+    let now = diesel::sql_query("SELECT pg_current_xact_id()::text::bigint AS xid")
+        .get_result::<Xid>(conn)
+        .expect("reading the xid counter")
+        .xid;
+    let n = (end - now).max(0) + 1;
+    execute(conn, "CREATE TEMP TABLE IF NOT EXISTS burn (i int)");
+    execute(
+        conn,
+        &format!(
+            "DO $$ BEGIN FOR i IN 1..{n} LOOP
+                 BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN OTHERS THEN RAISE; END;
+             END LOOP; END $$"
+        ),
+    );
+    let after = diesel::sql_query("SELECT pg_current_xact_id()::text::bigint AS xid")
+        .get_result::<Xid>(conn)
+        .expect("reading the xid counter")
+        .xid;
+    assert!(after >= end, "burnt up to {after}, not past {end}");
+}
+
+/// Waits until no transaction of the cluster older than `xid` is running.
+/// `outbox.reclaim`'s horizon is the oldest running transaction of the
+/// whole server, so other databases' transactions (other tests, other
+/// work on a shared server) hold it back too, and this test is about the
+/// cursors'. There is no lock to wait on for another session's
+/// transaction, so this polls, every 50 ms, up to a generous deadline, and
+/// names the blocker when it gives up.
+fn until_no_transaction_older_than(conn: &mut PgConnection, xid: i64) {
+    #[derive(QueryableByName)]
+    struct Horizon {
+        #[diesel(sql_type = BigInt)]
+        xid: i64,
+        #[diesel(sql_type = Nullable<Text>)]
+        blocker: Option<String>,
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let horizon = diesel::sql_query(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xid,
+                    (SELECT format('pid %s in %s: %s', pid, datname, left(query, 60))
+                       FROM pg_stat_activity
+                      WHERE backend_xid::text::bigint < $1
+                      ORDER BY backend_xid::text::bigint LIMIT 1) AS blocker",
+        )
+        .bind::<BigInt, _>(xid)
+        .get_result::<Horizon>(conn)
+        .expect("reading the snapshot");
+        if horizon.xid >= xid {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a transaction older than {xid} never ended: {:?}",
+            horizon.blocker
+        );
+        execute(conn, "SELECT pg_sleep(0.05)");
+    }
+}
+
+fn event_count(conn: &mut PgConnection, id: i64) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    diesel::sql_query("SELECT count(*) AS n FROM outbox.events WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .get_result::<N>(conn)
+        .expect("counting events")
+        .n
+}
+
+/// `outbox.reclaim` keeps a segment while a cursor (a lagging
+/// subscription) still needs it, truncates it once every cursor has
+/// passed, and never waits for a reader's lock.
+#[test]
+fn reclaim_truncates_a_segment_only_once_every_cursor_has_passed_it() {
+    let db = pg::test_db();
+    let (mut conn, mut reader) = (db.conn(), db.conn());
+    subscribe(&mut conn, "lagging", &["*".into()], &everything()).unwrap();
+    let e = publish(&mut conn, "t", Some("k"), 0);
+    let tx = diesel::sql_query("SELECT tx::text::bigint AS xid FROM outbox.events WHERE id = $1")
+        .bind::<BigInt, _>(e)
+        .get_result::<Xid>(&mut conn)
+        .expect("reading the event's tx")
+        .xid;
+    let segment = ((tx >> 14) & 7) as i32;
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
+        [e]
+    );
+
+    burn_xids_past_the_range_of(&mut conn, tx);
+    let range_end = ((tx >> 14) + 1) << 14;
+    until_no_transaction_older_than(&mut conn, range_end);
+    // Only `lagging`'s cursor still needs the segment.
+    assert_eq!(reclaim(&mut conn).unwrap(), Vec::<i32>::new());
+    assert_eq!(event_count(&mut conn, e), 1);
+    let late = claim_one(&mut conn, "lagging", "r");
+    assert_eq!(late.ids(), [e]);
+    assert_eq!(
+        settle_ids(&mut conn, "lagging", &late, &late.all(Verdict::Delivered)),
+        [e]
+    );
+
+    // Every cursor has passed it; a reader holds the segment: not now, and
+    // without waiting (a wait would hit the statement timeout).
+    execute(&mut reader, "BEGIN; SELECT count(*) FROM outbox.events");
+    execute(&mut conn, "SET statement_timeout = '10s'");
+    until_no_transaction_older_than(&mut conn, range_end);
+    assert_eq!(reclaim(&mut conn).unwrap(), Vec::<i32>::new());
+    assert_eq!(event_count(&mut conn, e), 1);
+    execute(&mut reader, "COMMIT");
+
+    until_no_transaction_older_than(&mut conn, range_end);
+    assert_eq!(reclaim(&mut conn).unwrap(), [segment]);
+    assert_eq!(event_count(&mut conn, e), 0);
+    for sub in [DEFAULT, "lagging"] {
+        assert_eq!(claim_one(&mut conn, sub, "r").ids(), Vec::<i64>::new());
+    }
+}
+
+/// A claim returns a1 and parks a2, a later event of the same key (here
+/// delayed), in the same batch. The relay's retry of a1 is copied to
+/// `outbox.deliveries` behind a2: a1 must still come first.
+#[test]
+#[ignore = "product bug: a retry is queued behind a later event of its key that its own claim parked (delayed or unrouted): the later event becomes the key's head and is delivered first"]
+fn a_retry_is_not_queued_behind_a_later_event_its_claim_parked() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let a1 = publish(&mut conn, "t", Some("a"), 0);
+    let a2 = publish(&mut conn, "t", Some("a"), 3600);
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [a1]);
+    assert_eq!(parked(&mut conn, DEFAULT), [p(a2, "delayed", "later")]);
+    assert_eq!(
+        settle_ids(
+            &mut conn,
+            DEFAULT,
+            &batch,
+            &batch.all(retry(Duration::ZERO))
+        ),
+        [a1]
+    );
+
+    let again = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(again.ids(), [a1], "the retry is due and a2 follows it");
+    settle_ids(&mut conn, DEFAULT, &again, &again.all(Verdict::Delivered));
+    make_due(&mut conn, &[a2]);
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), [a2]);
+}
+
+/// A relay that does not route `user.signup` claims a1 (`order.created`,
+/// key a) and parks a2 (`user.signup`, key a) as unrouted, due at once. A
+/// relay that routes everything must not take a2 while a1 is in flight.
+#[test]
+#[ignore = "product bug: an event parked as unrouted behind an earlier event of its key returned by the same claim is due at once, so a second relay delivers it while the first is still in flight"]
+fn an_unrouted_event_waits_for_the_earlier_event_of_its_key_in_flight() {
+    let db = pg::test_db();
+    let (mut partial, mut full) = (db.conn(), db.conn());
+    let a1 = publish(&mut partial, "order.created", Some("a"), 0);
+    let a2 = publish(&mut partial, "user.signup", Some("a"), 0);
+    let orders_only = TopicFilter {
+        exact: vec!["order.created".into()],
+        ..TopicFilter::default()
+    };
+    let batch = claim_as(&mut partial, DEFAULT, 0, "orders", 50, LEASE, &orders_only);
+    assert_eq!(batch.ids(), [a1]);
+
+    assert_eq!(
+        claim_one(&mut full, DEFAULT, "all").ids(),
+        Vec::<i64>::new(),
+        "a2 waits while a1 is in flight"
+    );
+    settle_ids(
+        &mut partial,
+        DEFAULT,
+        &batch,
+        &batch.all(Verdict::Delivered),
+    );
+    assert_eq!(claim_one(&mut full, DEFAULT, "all").ids(), [a2]);
 }
