@@ -64,10 +64,14 @@ CREATE TABLE outbox.cursors (
     pos_id bigint NOT NULL DEFAULT 0,
     -- The whole window is settled: the next claim opens the next one.
     done boolean NOT NULL DEFAULT true,
-    -- The batch in flight: where it ends, and whether it used the window up.
+    -- The batch in flight: where it ends, how many rows of the log it read,
+    -- whether it used the window up, and whether rows of it wait to be
+    -- parked in outbox.deliveries by its settle.
     batch_tx xid8,
     batch_id bigint,
+    batch_n integer,
     batch_done boolean,
+    batch_parked boolean,
     claimed_by text,
     token bigint,
     lease_until timestamptz,
@@ -80,12 +84,13 @@ COMMENT ON TABLE outbox.cursors IS
 
 CREATE TABLE outbox.deliveries (
     subscription text NOT NULL REFERENCES outbox.subscriptions ON DELETE CASCADE,
-    -- Queue order: a key's rows are delivered in seq order, and only its
-    -- lowest seq (the head) may be claimed.
+    -- The row's handle for the relay that claims it.
     seq bigint GENERATED ALWAYS AS IDENTITY,
     id bigint NOT NULL,
-    -- The publishing transaction (0 for events that never were in the log,
-    -- e.g. moved over from the old queue).
+    -- The publishing transaction (0 for events that are not in the log:
+    -- moved over from the old queue, or replayed). A key's rows are
+    -- delivered in (tx, id) order, commit order: only the lowest (the head)
+    -- may be claimed, and only while no other row of the key is in flight.
     tx xid8 NOT NULL DEFAULT '0',
     topic text COLLATE "C" NOT NULL,
     key text,
@@ -96,11 +101,14 @@ CREATE TABLE outbox.deliveries (
     -- 'infinity' while it waits for the head of its key (settling the head
     -- makes the next row due).
     available_at timestamptz NOT NULL,
+    -- The publisher's available_at: a row woken from 'infinity' is not due
+    -- before it.
+    not_before timestamptz NOT NULL DEFAULT '-infinity',
     attempts integer NOT NULL DEFAULT 0,
     last_error text,
     reason text NOT NULL
         CONSTRAINT deliveries_reason_valid
-        CHECK (reason IN ('retry', 'delayed', 'blocked', 'unrouted', 'queued', 'replayed')),
+        CHECK (reason IN ('retry', 'delayed', 'blocked', 'queued', 'replayed')),
     claimed_by text,
     token bigint,
     PRIMARY KEY (subscription, seq),
@@ -109,10 +117,10 @@ CREATE TABLE outbox.deliveries (
 COMMENT ON TABLE outbox.deliveries IS
     'Per-subscription copies of events its cursor cannot hold: retries, delayed events, events waiting behind those of their key, unrouted and replayed events. Written by relays and replay only.';
 COMMENT ON COLUMN outbox.deliveries.reason IS
-    'Why the row exists: retry (a delivery failed), delayed (published with a future available_at), blocked (an earlier event of its key is here), unrouted (no relay routed its topic when read), queued (released unattempted, or moved from the old queue), replayed (a dead letter sent again).';
+    'Why the row exists: retry (a delivery failed), delayed (published with a future available_at), blocked (waits for an earlier event of its key), queued (released unattempted, unrouted by the relay that read it, or moved from the old queue), replayed (a dead letter sent again).';
 
 CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription, available_at);
-CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, seq) WHERE key IS NOT NULL;
+CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, tx, id) WHERE key IS NOT NULL;
 CREATE INDEX deliveries_token_idx ON outbox.deliveries (token) WHERE token IS NOT NULL;
 
 -- A small queue table: vacuum after a fixed number of dead rows (see the
@@ -131,8 +139,9 @@ INSERT INTO outbox.subscriptions (name, patterns, all_topics)
 VALUES ('default', '{*}', true);
 
 INSERT INTO outbox.deliveries (subscription, id, topic, key, payload, headers, created_at,
-                               available_at, attempts, last_error, reason)
+                               not_before, available_at, attempts, last_error, reason)
 SELECT 'default', e.id, e.topic, e.key, e.payload, e.headers, e.created_at,
+       CASE WHEN e.attempts = 0 AND NOT e.deferred THEN e.available_at ELSE '-infinity' END,
        CASE
            -- in flight with a relay that cannot settle it any more: due now
            WHEN e.claim_token IS NOT NULL THEN now()
@@ -394,6 +403,70 @@ $$;
 COMMENT ON FUNCTION outbox.lane_has_news(outbox.cursors, pg_snapshot) IS
     'Whether a lane has committed rows beyond its cursor.';
 
+-- Copies rows of the log into a subscription's outbox.deliveries, in
+-- (tx, id) order: rows whose delivery failed ('retry', due after its
+-- delay), was held behind a failure ('held') or put back ('release'), and
+-- rows that must wait ('parked': delayed, unrouted, or behind an earlier
+-- event of their key). A key's first row is due (at its retry time or its
+-- publisher's available_at) unless the key already has rows there; every
+-- other row of the key waits at 'infinity' until the one ahead of it is
+-- settled. The head of each key that has rows is locked FOR KEY SHARE
+-- first, so a settle deleting it waits for this transaction and its wake
+-- (a later statement) sees the rows queued behind it.
+CREATE FUNCTION outbox.queue_rows(p_subscription text, p_lane integer, txs xid8[], ids bigint[],
+                                  verdicts text[], delays_us bigint[], errors text[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+    WITH item AS (
+        SELECT * FROM unnest(txs, ids, verdicts, delays_us, errors)
+                      AS x(tx, id, verdict, delay_us, error)
+    ), rows AS (
+        SELECT e.*, i.verdict, i.delay_us, i.error,
+               row_number() OVER (PARTITION BY e.key ORDER BY e.tx, e.id) AS nth
+          FROM item i
+          JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
+    ), queued_keys AS (
+        SELECT k.key
+          FROM (SELECT DISTINCT r.key FROM rows r WHERE r.key IS NOT NULL) k
+         CROSS JOIN LATERAL (
+               SELECT 1 FROM outbox.deliveries d
+                WHERE d.subscription = p_subscription AND d.key = k.key
+                ORDER BY d.tx, d.id
+                LIMIT 1
+                  FOR KEY SHARE) head
+    )
+    INSERT INTO outbox.deliveries
+           (subscription, id, tx, topic, key, payload, headers, created_at, available_at,
+            not_before, attempts, last_error, reason)
+    SELECT p_subscription, r.id, r.tx, r.topic, r.key, r.payload, r.headers, r.created_at,
+           CASE WHEN r.key IS NOT NULL
+                     AND (r.nth > 1 OR r.key IN (SELECT q.key FROM queued_keys q))
+                    THEN 'infinity'
+                WHEN r.verdict = 'retry'
+                    THEN now() + r.delay_us * interval '1 microsecond'
+                ELSE greatest(now(), r.available_at) END,
+           r.available_at,
+           CASE WHEN r.verdict = 'retry' THEN 1 ELSE 0 END,
+           r.error,
+           CASE WHEN r.verdict = 'retry' THEN 'retry'
+                WHEN r.key IS NOT NULL
+                     AND (r.nth > 1 OR r.key IN (SELECT q.key FROM queued_keys q))
+                    THEN 'blocked'
+                WHEN r.available_at > now() THEN 'delayed'
+                ELSE 'queued' END
+      FROM rows r
+     ORDER BY r.tx, r.id
+        ON CONFLICT (subscription, tx, id) DO NOTHING;
+END
+$$;
+COMMENT ON FUNCTION outbox.queue_rows(text, integer, xid8[], bigint[], text[], bigint[], text[]) IS
+    'Copies rows of the log into a subscription''s outbox.deliveries in commit order, each key''s first row due and the others waiting behind it.';
+
 -- The claim: up to p_limit events for one relay worker, under one token.
 --
 -- * The window part: the first lane from p_lane on (round-robin) that is
@@ -433,7 +506,10 @@ DECLARE
     read_n integer;
     last_tx xid8;
     last_id bigint;
-    retaken boolean;
+    keep bigint[];
+    park_tx xid8[];
+    park_id bigint[];
+    parked boolean;
     win outbox.events[];
     opened boolean;
     irregular boolean;
@@ -461,10 +537,6 @@ BEGIN
             RAISE EXCEPTION 'outbox: the cursors of subscription "%" were written by another PostgreSQL cluster (restored from a dump?); see docs/operations.md, "Restoring into another cluster"', p_subscription
                 USING ERRCODE = 'object_not_in_prerequisite_state';
         END IF;
-        -- A batch claimed before and never settled (its relay died or lost
-        -- the lease): rows it parked are parked already.
-        retaken := c.batch_tx IS NOT NULL;
-
         -- Read windows until something is to be delivered, the log is used
         -- up, or a few windows of other topics have been passed over.
         FOR round IN 1..8 LOOP
@@ -491,14 +563,15 @@ BEGIN
 
             -- The common case, in one pass: nothing of the batch must wait
             -- (no keyed rows of this subscription in outbox.deliveries, none
-            -- delayed, unrouted or of other topics, not a batch taken over).
+            -- delayed, unrouted or of other topics).
             SELECT bool_or(NOT (sub.all_topics OR w.topic = ANY (sub.exact_topics)
                                 OR w.topic LIKE ANY (sub.like_topics))
                            OR w.available_at > now()
                            OR NOT (p_all OR w.topic = ANY (p_exact) OR w.topic LIKE ANY (p_like)))
               INTO irregular
               FROM unnest(win) w;
-            IF NOT irregular AND NOT retaken AND NOT EXISTS (
+            parked := false;
+            IF NOT irregular AND NOT EXISTS (
                    SELECT FROM outbox.deliveries d
                     WHERE d.subscription = p_subscription AND d.key IS NOT NULL) THEN
                 RETURN QUERY
@@ -507,63 +580,65 @@ BEGIN
                        NULL::text, NULL::bigint
                   FROM unnest(win) w;
             ELSE
-                RETURN QUERY
+                -- Rows of other topics are passed over. Of the rest, the
+                -- rows that must wait (delayed, unrouted, or behind an
+                -- earlier event of their key that waits) are not returned:
+                -- the settle parks them in outbox.deliveries together with
+                -- the batch's outcomes, so a relay that dies parks nothing
+                -- twice, and a parked row goes behind an earlier row of its
+                -- key that failed in this batch.
                 WITH mine AS (
-                    SELECT w.* FROM unnest(win) w
-                     WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
-                            OR w.topic LIKE ANY (sub.like_topics))
-                       AND (NOT retaken OR NOT EXISTS (
-                                SELECT FROM outbox.deliveries d
-                                 WHERE d.subscription = p_subscription AND d.tx = w.tx AND d.id = w.id))
-                ), waiting_keys AS (
-                    SELECT k.key
-                      FROM (SELECT DISTINCT m.key FROM mine m WHERE m.key IS NOT NULL) k
-                     CROSS JOIN LATERAL (
-                           SELECT 1 FROM outbox.deliveries d
-                            WHERE d.subscription = p_subscription AND d.key = k.key
-                            ORDER BY d.seq
-                            LIMIT 1
-                              FOR KEY SHARE) head
+                    SELECT w.*
+                      FROM unnest(win) WITH ORDINALITY
+                           AS w(id, topic, key, payload, headers, created_at, available_at,
+                                tx, lane, ord)
+                     WHERE sub.all_topics OR w.topic = ANY (sub.exact_topics)
+                        OR w.topic LIKE ANY (sub.like_topics)
                 ), judged AS (
-                    SELECT m.*,
-                           m.available_at > now() AS delayed,
-                           NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like)) AS unrouted,
-                           m.key IN (SELECT wk.key FROM waiting_keys wk) AS behind
+                    SELECT m.ord, m.tx, m.id, m.key,
+                           m.available_at > now()
+                           OR NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like))
+                           OR (m.key IS NOT NULL AND EXISTS (
+                                   SELECT FROM outbox.deliveries d
+                                    WHERE d.subscription = p_subscription AND d.key = m.key))
+                               AS waits
                       FROM mine m
                 ), placed AS (
-                    SELECT j.*,
-                           j.delayed OR j.unrouted OR (j.key IS NOT NULL AND bool_or(j.delayed OR j.unrouted OR j.behind)
+                    SELECT j.ord, j.tx, j.id,
+                           j.waits OR (j.key IS NOT NULL AND bool_or(j.waits)
                                OVER (PARTITION BY j.key ORDER BY j.tx, j.id)) AS park
                       FROM judged j
-                ), parked AS (
-                    INSERT INTO outbox.deliveries AS d
-                           (subscription, id, tx, topic, key, payload, headers, created_at,
-                            available_at, reason)
-                    SELECT p_subscription, p.id, p.tx, p.topic, p.key, p.payload, p.headers, p.created_at,
-                           CASE WHEN p.delayed THEN p.available_at
-                                WHEN p.unrouted THEN now()
-                                ELSE 'infinity' END,
-                           CASE WHEN p.delayed THEN 'delayed'
-                                WHEN p.unrouted THEN 'unrouted'
-                                ELSE 'blocked' END
-                      FROM placed p
-                     WHERE p.park
-                     ORDER BY p.tx, p.id
-                        ON CONFLICT (subscription, tx, id) DO NOTHING
                 )
-                SELECT tok, l::smallint, NULL::bigint, p.tx::text::bigint, p.id, p.topic::text, p.key,
-                       p.payload::text, p.headers::text, p.created_at, now() + lease, 1, NULL::text,
-                       NULL::bigint
-                  FROM placed p
-                 WHERE NOT p.park
-                 ORDER BY p.tx, p.id;
+                SELECT coalesce(array_agg(p.ord) FILTER (WHERE NOT p.park), '{}'),
+                       coalesce(array_agg(p.tx ORDER BY p.tx, p.id) FILTER (WHERE p.park), '{}'),
+                       coalesce(array_agg(p.id ORDER BY p.tx, p.id) FILTER (WHERE p.park), '{}')
+                  INTO keep, park_tx, park_id
+                  FROM placed p;
+                IF cardinality(keep) = 0 THEN
+                    -- Nothing to deliver: park now, and the cursor moves on
+                    -- in the same transaction.
+                    PERFORM outbox.queue_rows(p_subscription, l, park_tx, park_id,
+                                              array_fill('parked'::text, ARRAY[cardinality(park_id)]),
+                                              array_fill(0::bigint, ARRAY[cardinality(park_id)]),
+                                              array_fill(NULL::text, ARRAY[cardinality(park_id)]));
+                END IF;
+                parked := cardinality(park_id) > 0;
+                RETURN QUERY
+                SELECT tok, l::smallint, NULL::bigint, w.tx::text::bigint, w.id, w.topic::text,
+                       w.key, w.payload::text, w.headers::text, w.created_at, now() + lease, 1,
+                       NULL::text, NULL::bigint
+                  FROM unnest(win) WITH ORDINALITY
+                       AS w(id, topic, key, payload, headers, created_at, available_at, tx, lane, ord)
+                 WHERE w.ord = ANY (keep)
+                 ORDER BY w.ord;
             END IF;
             GET DIAGNOSTICS got = ROW_COUNT;
 
             IF got > 0 THEN
                 UPDATE outbox.cursors k
                    SET lo = c.lo, hi = c.hi, pos_tx = c.pos_tx, pos_id = c.pos_id, done = c.done,
-                       batch_tx = last_tx, batch_id = last_id, batch_done = read_n < p_limit,
+                       batch_tx = last_tx, batch_id = last_id, batch_n = read_n,
+                       batch_done = read_n < p_limit, batch_parked = parked,
                        claimed_by = p_relay, token = tok, lease_until = now() + lease
                  WHERE k.subscription = p_subscription AND k.lane = l;
                 EXIT lanes;
@@ -577,8 +652,8 @@ BEGIN
         -- the cursor is. (Only a lane the probe found work in gets here.)
         UPDATE outbox.cursors k
            SET lo = c.lo, hi = c.hi, pos_tx = c.pos_tx, pos_id = c.pos_id, done = c.done,
-               batch_tx = NULL, batch_id = NULL, batch_done = NULL,
-               claimed_by = NULL, token = NULL, lease_until = NULL
+               batch_tx = NULL, batch_id = NULL, batch_n = NULL, batch_done = NULL,
+               batch_parked = NULL, claimed_by = NULL, token = NULL, lease_until = NULL
          WHERE k.subscription = p_subscription AND k.lane = l;
     END LOOP;
 
@@ -592,7 +667,9 @@ BEGIN
                AND (p_all OR d.topic = ANY (p_exact) OR d.topic LIKE ANY (p_like))
                AND (d.key IS NULL OR NOT EXISTS (
                         SELECT FROM outbox.deliveries x
-                         WHERE x.subscription = d.subscription AND x.key = d.key AND x.seq < d.seq))
+                         WHERE x.subscription = d.subscription AND x.key = d.key
+                           AND ((x.tx, x.id) < (d.tx, d.id)
+                                OR (x.token IS NOT NULL AND x.available_at > now()))))
              ORDER BY d.available_at, d.seq
              LIMIT p_limit - got
                FOR NO KEY UPDATE SKIP LOCKED
@@ -644,11 +721,13 @@ BEGIN
         RETURN;
     END IF;
     UPDATE outbox.deliveries d
-       SET available_at = now()
+       SET available_at = greatest(now(), d.not_before)
       FROM (SELECT DISTINCT k FROM unnest(done_keys) k) done(key)
      WHERE d.subscription = p_subscription
-       AND d.seq = (SELECT min(x.seq) FROM outbox.deliveries x
-                     WHERE x.subscription = p_subscription AND x.key = done.key)
+       AND (d.tx, d.id) = (SELECT x.tx, x.id FROM outbox.deliveries x
+                            WHERE x.subscription = p_subscription AND x.key = done.key
+                            ORDER BY x.tx, x.id
+                            LIMIT 1)
        AND d.available_at = 'infinity';
 END
 $$;
@@ -677,71 +756,88 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     c outbox.cursors;
+    sub outbox.subscriptions;
     settled bigint[] := '{}';
     done_keys text[];
+    q_tx xid8[];
+    q_id bigint[];
+    q_verdict text[];
+    q_delay bigint[];
+    q_error text[];
 BEGIN
-    -- The common case: a batch of the log, all delivered.
+    -- The common case: a batch of the log with nothing to park, all
+    -- delivered.
     IF p_lane IS NOT NULL AND NOT EXISTS (
            SELECT FROM unnest(seqs, verdicts) AS x(seq, verdict)
             WHERE x.seq IS NOT NULL OR x.verdict <> 'delivered') THEN
         UPDATE outbox.cursors k
            SET pos_tx = k.batch_tx, pos_id = k.batch_id, done = k.batch_done,
-               batch_tx = NULL, batch_id = NULL, batch_done = NULL,
-               claimed_by = NULL, token = NULL, lease_until = NULL
-         WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token;
+               batch_tx = NULL, batch_id = NULL, batch_n = NULL, batch_done = NULL,
+               batch_parked = NULL, claimed_by = NULL, token = NULL, lease_until = NULL
+         WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token
+           AND NOT k.batch_parked;
         IF FOUND THEN
             RETURN QUERY SELECT unnest(ids);
+            RETURN;
         END IF;
-        RETURN;
     END IF;
     IF p_lane IS NOT NULL THEN
         SELECT * INTO c FROM outbox.cursors k
          WHERE k.subscription = p_subscription AND k.lane = p_lane AND k.token = p_token
            FOR UPDATE;
         IF FOUND THEN
+            SELECT * INTO sub FROM outbox.subscriptions s WHERE s.name = p_subscription;
+            -- What goes to outbox.deliveries, in one call so that a key's
+            -- rows keep their order: the batch's retries, held and released
+            -- rows, and the rows the claim did not return (the same window
+            -- read again: the cursor has not moved) that are this
+            -- subscription's.
             WITH item AS (
-                SELECT x.tx::text::xid8 AS tx, x.id, x.verdict, x.delay_us, x.error, x.n
+                SELECT x.tx::text::xid8 AS tx, x.id, x.verdict, x.delay_us, x.error
                   FROM unnest(seqs, txs, ids, verdicts, delays_us, errors)
-                       WITH ORDINALITY AS x(seq, tx, id, verdict, delay_us, error, n)
+                       AS x(seq, tx, id, verdict, delay_us, error)
                  WHERE x.seq IS NULL
-            ), copied AS (
-                INSERT INTO outbox.deliveries AS d
-                       (subscription, id, tx, topic, key, payload, headers, created_at,
-                        available_at, attempts, last_error, reason)
-                SELECT p_subscription, e.id, e.tx, e.topic, e.key, e.payload, e.headers, e.created_at,
-                       CASE i.verdict
-                           WHEN 'retry' THEN now() + i.delay_us * interval '1 microsecond'
-                           WHEN 'held' THEN 'infinity'
-                           ELSE now() END,
-                       CASE WHEN i.verdict = 'retry' THEN 1 ELSE 0 END,
-                       i.error,
-                       CASE i.verdict WHEN 'retry' THEN 'retry' WHEN 'held' THEN 'blocked'
-                                      ELSE 'queued' END
-                  FROM item i
-                  JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
-                 WHERE i.verdict IN ('retry', 'held', 'release')
-                 ORDER BY e.tx, e.id
-                    ON CONFLICT (subscription, tx, id) DO NOTHING
-            ), buried AS (
-                INSERT INTO outbox.dead_letters
-                       (subscription, id, topic, key, payload, headers, created_at, attempts,
-                        last_error)
-                SELECT p_subscription, e.id, e.topic, e.key, e.payload, e.headers, e.created_at, 1,
-                       i.error
-                  FROM item i
-                  JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
-                 WHERE i.verdict = 'dead'
-                    ON CONFLICT (subscription, id) DO UPDATE
-                   SET topic = excluded.topic, key = excluded.key, payload = excluded.payload,
-                       headers = excluded.headers, created_at = excluded.created_at,
-                       attempts = excluded.attempts, last_error = excluded.last_error,
-                       failed_at = now()
+            ), parked AS (
+                SELECT w.tx, w.id, 'parked'::text AS verdict, 0::bigint AS delay_us,
+                       NULL::text AS error
+                  FROM unnest(CASE WHEN c.batch_parked THEN outbox.window_rows(c, c.batch_n)
+                                   ELSE '{}'::outbox.events[] END) w
+                 WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
+                        OR w.topic LIKE ANY (sub.like_topics))
+                   AND NOT EXISTS (SELECT FROM item i WHERE i.tx = w.tx AND i.id = w.id)
+            ), queued AS (
+                SELECT * FROM item WHERE verdict IN ('retry', 'held', 'release')
+                UNION ALL
+                SELECT * FROM parked
             )
-            SELECT coalesce(array_agg(i.id ORDER BY i.n), '{}') INTO settled FROM item i;
+            SELECT coalesce(array_agg(q.tx), '{}'), coalesce(array_agg(q.id), '{}'),
+                   coalesce(array_agg(q.verdict), '{}'), coalesce(array_agg(q.delay_us), '{}'),
+                   coalesce(array_agg(q.error), '{}')
+              INTO q_tx, q_id, q_verdict, q_delay, q_error
+              FROM queued q;
+            PERFORM outbox.queue_rows(p_subscription, p_lane, q_tx, q_id, q_verdict, q_delay,
+                                      q_error);
+            INSERT INTO outbox.dead_letters
+                   (subscription, id, topic, key, payload, headers, created_at, attempts,
+                    last_error)
+            SELECT p_subscription, e.id, e.topic, e.key, e.payload, e.headers, e.created_at, 1,
+                   x.error
+              FROM unnest(seqs, txs, ids, verdicts, errors) AS x(seq, tx, id, verdict, error)
+              JOIN outbox.events e
+                ON e.lane = p_lane AND e.tx = x.tx::text::xid8 AND e.id = x.id
+             WHERE x.seq IS NULL AND x.verdict = 'dead'
+                ON CONFLICT (subscription, id) DO UPDATE
+               SET topic = excluded.topic, key = excluded.key, payload = excluded.payload,
+                   headers = excluded.headers, created_at = excluded.created_at,
+                   attempts = excluded.attempts, last_error = excluded.last_error,
+                   failed_at = now();
+            SELECT coalesce(array_agg(x.id), '{}') INTO settled
+              FROM unnest(seqs, ids) AS x(seq, id)
+             WHERE x.seq IS NULL;
             UPDATE outbox.cursors k
                SET pos_tx = c.batch_tx, pos_id = c.batch_id, done = c.batch_done,
-                   batch_tx = NULL, batch_id = NULL, batch_done = NULL,
-                   claimed_by = NULL, token = NULL, lease_until = NULL
+                   batch_tx = NULL, batch_id = NULL, batch_n = NULL, batch_done = NULL,
+                   batch_parked = NULL, claimed_by = NULL, token = NULL, lease_until = NULL
              WHERE k.subscription = p_subscription AND k.lane = p_lane;
         END IF;
     END IF;
@@ -914,8 +1010,9 @@ BEGIN
     UPDATE outbox.cursors
        SET system_identifier = (SELECT system_identifier FROM pg_control_system()),
            lo = pg_current_snapshot(), hi = pg_current_snapshot(), done = true,
-           pos_tx = '0', pos_id = 0, batch_tx = NULL, batch_id = NULL, batch_done = NULL,
-           claimed_by = NULL, token = NULL, lease_until = NULL;
+           pos_tx = '0', pos_id = 0, batch_tx = NULL, batch_id = NULL, batch_n = NULL,
+           batch_done = NULL, batch_parked = NULL, claimed_by = NULL, token = NULL,
+           lease_until = NULL;
     RETURN n;
 END
 $$;

@@ -58,11 +58,11 @@ pub(crate) fn wake_stranded(conn: &mut PgConnection) -> QueryResult<Vec<i64>> {
     }
     Ok(diesel::sql_query(
         "UPDATE outbox.deliveries d
-            SET available_at = now()
+            SET available_at = greatest(now(), d.not_before)
           WHERE d.available_at = 'infinity'
             AND NOT EXISTS (SELECT FROM outbox.deliveries x
                              WHERE x.subscription = d.subscription
-                               AND x.key = d.key AND x.seq < d.seq)
+                               AND x.key = d.key AND (x.tx, x.id) < (d.tx, d.id))
       RETURNING d.id",
     )
     .load::<Id>(conn)?
