@@ -502,6 +502,7 @@ DECLARE
     tok bigint := nextval('outbox.claim_tokens');
     lease interval := p_lease_us * interval '1 microsecond';
     now_snap pg_snapshot := pg_current_snapshot();
+    sysid bigint := (SELECT system_identifier FROM pg_control_system());
     got integer := 0;
     read_n integer;
     last_tx xid8;
@@ -526,6 +527,12 @@ BEGIN
         l := (greatest(p_lane, 0) + i) % 8;
         -- A look without a lock first: an idle relay writes nothing.
         SELECT * INTO c FROM outbox.cursors k WHERE k.subscription = p_subscription AND k.lane = l;
+        -- Before anything is read with them: snapshots of another cluster
+        -- would make new events look long settled (or far in the future).
+        IF c.system_identifier <> sysid THEN
+            RAISE EXCEPTION 'outbox: the cursors of subscription "%" were written by another PostgreSQL cluster (restored from a dump?); see docs/operations.md, "Restoring into another cluster"', p_subscription
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
         CONTINUE WHEN c.lease_until > now();
         CONTINUE WHEN NOT outbox.lane_has_news(c, now_snap);
         SELECT * INTO c FROM outbox.cursors k
@@ -533,10 +540,6 @@ BEGIN
            AND (k.lease_until IS NULL OR k.lease_until <= now())
            FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        IF c.system_identifier <> (SELECT system_identifier FROM pg_control_system()) THEN
-            RAISE EXCEPTION 'outbox: the cursors of subscription "%" were written by another PostgreSQL cluster (restored from a dump?); see docs/operations.md, "Restoring into another cluster"', p_subscription
-                USING ERRCODE = 'object_not_in_prerequisite_state';
-        END IF;
         -- Read windows until something is to be delivered, the log is used
         -- up, or a few windows of other topics have been passed over.
         FOR round IN 1..8 LOOP
@@ -948,6 +951,14 @@ DECLARE
     newest bigint;
     filled boolean;
 BEGIN
+    -- Cursors of another cluster (a restore): their snapshots say nothing
+    -- about this one's transaction ids, so nothing is safe to truncate
+    -- until outbox.rebase() has run.
+    IF EXISTS (SELECT FROM outbox.cursors c
+                WHERE c.system_identifier <> (SELECT system_identifier FROM pg_control_system())) THEN
+        RAISE EXCEPTION 'outbox: cursors written by another PostgreSQL cluster (restored from a dump?); run SELECT outbox.rebase() first, see docs/operations.md'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     -- Idle lanes: nothing committed beyond their window.
     UPDATE outbox.cursors k
        SET lo = snap, hi = snap, pos_tx = '0', pos_id = 0, done = true

@@ -164,6 +164,7 @@ mod tests {
             available_at: chrono::Utc::now(),
             attempts: 1,
             last_error: None,
+            subscription: String::new(),
         };
         routes
             .sink_for(topic)

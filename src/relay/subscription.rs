@@ -27,9 +27,9 @@ pub(crate) struct Served {
     pub(crate) topics: TopicFilter,
     /// The sinks, by topic.
     pub(crate) routes: Routes,
-    /// What this relay's claims take: the routes of the default
-    /// subscription; everything of a named one (its patterns already
-    /// choose its topics).
+    /// What this relay's claims take: its routes (for a named subscription,
+    /// its patterns); the subscription's other topics wait for a relay
+    /// that routes them.
     pub(crate) routed: TopicFilter,
     pub(crate) schedule: Schedule,
     /// One pending wake-up at most: a burst of notifications becomes one
@@ -58,16 +58,11 @@ impl Served {
     /// A named subscription delivering every topic of `patterns` to `sink`.
     pub(crate) fn named(name: &str, patterns: &[&str], sink: Arc<dyn Sink>) -> Result<Self, Error> {
         let (routes, written, topics) = compile(name, patterns, Some(sink))?;
-        Ok(Self::new(
-            name.to_owned(),
-            written,
-            topics,
-            routes,
-            TopicFilter {
-                all: true,
-                ..TopicFilter::default()
-            },
-        ))
+        // Its claims take its own patterns: should another relay have
+        // registered wider ones, the topics this relay has no sink for wait
+        // for a relay that has (they are parked, not put back at once).
+        let routed = topics.clone();
+        Ok(Self::new(name.to_owned(), written, topics, routes, routed))
     }
 
     fn new(
