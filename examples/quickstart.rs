@@ -208,12 +208,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     println!("starting the relay");
-    let pool =
-        diesel::r2d2::Pool::builder()
-            .max_size(8)
-            .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
-                db.url(),
-            ))?;
+    let pool = diesel::r2d2::Pool::builder()
+        // 4 workers for each of the 2 subscriptions, and the
+        // housekeeper.
+        .max_size(9)
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+            db.url(),
+        ))?;
     let (settled, settled_rx) = crossbeam_channel::unbounded();
     let relay = outbox::Relay::builder(pool)
         .listen(db.url())

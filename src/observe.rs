@@ -35,8 +35,9 @@ pub trait Observer: Send + Sync + 'static {
         let _ = (event, error);
     }
 
-    /// Events that were claimed but never attempted (shutdown) went back to
-    /// the queue.
+    /// Events that were claimed but not attempted went back to be claimed
+    /// again: at shutdown, or held behind an earlier event of their key
+    /// that failed in the same batch.
     fn on_released(&self, events: &[EventId]) {
         let _ = events;
     }
@@ -48,10 +49,11 @@ pub trait Observer: Send + Sync + 'static {
         let _ = events;
     }
 
-    /// Keyed events were claimed that had waited out their whole deferral
-    /// margin: their earlier event went away without a settle waking them
-    /// (deleted by hand or purged). Relays alone never cause this; a rescue
-    /// while nobody deletes events by hand points at a bug.
+    /// Keyed events waiting in `outbox.deliveries` behind an earlier event
+    /// of their key were made due by the housekeeper, because that event
+    /// went away without a settle waking them (deleted by hand). Relays
+    /// alone never cause this; a rescue while nobody deletes rows by hand
+    /// points at a bug.
     fn on_stranded_rescued(&self, events: &[EventId]) {
         let _ = events;
     }
@@ -118,12 +120,13 @@ pub struct RelayStats {
     pub retried: u64,
     /// Events moved to the dead letters.
     pub dead_lettered: u64,
-    /// Claimed events returned unattempted at shutdown.
+    /// Claimed events returned unattempted: at shutdown, or held behind an
+    /// earlier event of their key that failed in the same batch.
     pub released: u64,
     /// Events whose lease was lost before settling.
     pub lease_lost: u64,
-    /// Keyed events that came due by their deferral margin instead of being
-    /// woken by the settle of their earlier event ([`Observer::on_stranded_rescued`]).
+    /// Keyed events woken by the housekeeper instead of by the settle of
+    /// their earlier event ([`Observer::on_stranded_rescued`]).
     pub stranded_rescued: u64,
     /// Database errors (claim, settle, listen) the relay recovered from.
     pub errors: u64,

@@ -251,15 +251,15 @@ impl RelayBuilder {
         self
     }
 
-    /// Whether the relay vacuums `outbox.events` itself while it delivers:
-    /// after every 1,000 settled events, at most once a second, and with
-    /// `SKIP_LOCKED` so it never waits for autovacuum or another relay.
-    /// This is what keeps a busy table at a few megabytes, since
-    /// autovacuum looks at a database only once per `autovacuum_naptime`
-    /// (1 min by default). It needs the role to own the table (or the
-    /// database); otherwise the relay says so once and leaves it to
-    /// autovacuum. Turn it off when your own maintenance covers the table.
-    /// Defaults to on.
+    /// Whether the relay vacuums its hot tables (`outbox.cursors`, rewritten
+    /// twice per batch, and the `outbox.deliveries` queue) itself while it
+    /// delivers: after every 1,000 settled events, at most once a second,
+    /// and with `SKIP_LOCKED` so it never waits for autovacuum or another
+    /// relay, since autovacuum looks at a database only once per
+    /// `autovacuum_naptime` (1 min by default). It needs the role to own
+    /// the tables (or the database); otherwise the relay says so once and
+    /// leaves them to autovacuum. The log, `outbox.events`, needs no vacuum:
+    /// it is truncated in bulk. Defaults to on.
     pub fn vacuum(mut self, enabled: bool) -> Self {
         self.vacuum = enabled;
         self

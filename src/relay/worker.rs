@@ -103,7 +103,7 @@ impl Worker {
                     } else {
                         ""
                     };
-                    tracing::warn!(relay = %self.shared.name, error = %chain, "claiming or settling failed{hint}; retrying");
+                    tracing::warn!(relay = %self.shared.name, subscription = %self.served().name, error = %chain, "claiming or settling failed{hint}; retrying");
                     self.shared.observer.on_error(&error);
                     select! {
                         recv(self.shutdown) -> _ => return,
@@ -505,13 +505,13 @@ impl Worker {
                     let error = outcome
                         .error
                         .unwrap_or_else(|| DeliveryError::transient("unknown"));
-                    tracing::info!(relay = %shared.name, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
+                    tracing::info!(relay = %shared.name, subscription = %event.subscription, id = %event.id, topic = %event.topic, attempt = event.attempts, ?delay, error = %error, "delivery failed; will retry");
                     shared.observer.on_retry(event, &error, *delay);
                 }
                 Verdict::Release | Verdict::Held => released.push(event.id),
                 Verdict::Dead { error } => {
                     Counters::add(&counters.dead_lettered, 1);
-                    tracing::warn!(relay = %shared.name, id = %event.id, topic = %event.topic, attempts = event.attempts, error = %error, "event dead-lettered");
+                    tracing::warn!(relay = %shared.name, subscription = %event.subscription, id = %event.id, topic = %event.topic, attempts = event.attempts, error = %error, "event dead-lettered");
                     shared.observer.on_dead_lettered(event, error);
                 }
             }
@@ -522,7 +522,7 @@ impl Worker {
         }
         if !lost.is_empty() {
             Counters::add(&counters.lease_lost, lost.len());
-            tracing::warn!(relay = %shared.name, events = ?lost, "lease lost before settling; another relay holds these events");
+            tracing::warn!(relay = %shared.name, subscription = %self.served().name, events = ?lost, "lease lost before settling; another relay holds these events");
             shared.observer.on_lease_lost(&lost);
         }
     }

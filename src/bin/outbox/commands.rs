@@ -277,15 +277,15 @@ pub fn dead_letters(cli: &Cli, command: &DeadLetters) -> Result {
 fn show(out: &mut impl Write, dead: &outbox::DeadLetter) -> Result {
     let key = dead.key.as_deref().unwrap_or("-");
     writeln!(out, "subscription: {}", dead.subscription)?;
-    writeln!(out, "id:          {}", dead.id)?;
-    writeln!(out, "topic:       {}", dead.topic)?;
-    writeln!(out, "key:         {key}")?;
-    writeln!(out, "created_at:  {}", dead.created_at.to_rfc3339())?;
-    writeln!(out, "failed_at:   {}", dead.failed_at.to_rfc3339())?;
-    writeln!(out, "attempts:    {}", dead.attempts)?;
-    writeln!(out, "last_error:  {}", dead.last_error)?;
+    writeln!(out, "id:           {}", dead.id)?;
+    writeln!(out, "topic:        {}", dead.topic)?;
+    writeln!(out, "key:          {key}")?;
+    writeln!(out, "created_at:   {}", dead.created_at.to_rfc3339())?;
+    writeln!(out, "failed_at:    {}", dead.failed_at.to_rfc3339())?;
+    writeln!(out, "attempts:     {}", dead.attempts)?;
+    writeln!(out, "last_error:   {}", dead.last_error)?;
     let headers = serde_json::to_string(&dead.headers)?;
-    writeln!(out, "headers:     {headers}")?;
+    writeln!(out, "headers:      {headers}")?;
     let payload = serde_json::to_string_pretty(&dead.payload)?;
     writeln!(out, "payload:\n{payload}")?;
     Ok(())
