@@ -80,6 +80,24 @@ CREATE TABLE outbox.cursors (
 COMMENT ON TABLE outbox.cursors IS
     'Where each lane of each subscription is in outbox.events: a pair of snapshots (settled: visible in lo, and in hi up to pos), and the lease of the relay reading it. Written by relays only.';
 
+COMMENT ON COLUMN outbox.subscriptions.name IS 'The subscription''s name: 1 to 63 letters, digits, `_`, `.` or `-`.';
+COMMENT ON COLUMN outbox.cursors.subscription IS 'The subscription this cursor reads for.';
+COMMENT ON COLUMN outbox.cursors.lane IS 'Which lane of outbox.events (0 to 7) it reads.';
+COMMENT ON COLUMN outbox.cursors.system_identifier IS 'The cluster whose transaction ids lo and hi refer to; claims refuse another.';
+COMMENT ON COLUMN outbox.cursors.lo IS 'Everything visible in this snapshot is settled.';
+COMMENT ON COLUMN outbox.cursors.hi IS 'The window being read: visible in hi, not in lo.';
+COMMENT ON COLUMN outbox.cursors.pos_tx IS 'The window is settled up to (pos_tx, pos_id), in (tx, id) order.';
+COMMENT ON COLUMN outbox.cursors.pos_id IS 'See pos_tx.';
+COMMENT ON COLUMN outbox.cursors.done IS 'The whole window is settled; the next claim opens the next one.';
+COMMENT ON COLUMN outbox.cursors.batch_tx IS 'The batch in flight ends at (batch_tx, batch_id); NULL when none is.';
+COMMENT ON COLUMN outbox.cursors.batch_id IS 'See batch_tx.';
+COMMENT ON COLUMN outbox.cursors.batch_n IS 'How many rows of the log the batch in flight read.';
+COMMENT ON COLUMN outbox.cursors.batch_done IS 'The batch in flight used the window up.';
+COMMENT ON COLUMN outbox.cursors.batch_parked IS 'Rows of the batch in flight wait to be parked in outbox.deliveries by its settle.';
+COMMENT ON COLUMN outbox.cursors.claimed_by IS 'The relay holding the lane (for operators).';
+COMMENT ON COLUMN outbox.cursors.token IS 'Fencing token of the batch in flight (from outbox.claim_tokens).';
+COMMENT ON COLUMN outbox.cursors.lease_until IS 'The lane is free again after this, whether or not its holder settled.';
+
 -- 2. Deliveries the cursors cannot hold -------------------------------------
 
 CREATE TABLE outbox.deliveries (
@@ -118,6 +136,22 @@ COMMENT ON TABLE outbox.deliveries IS
     'Per-subscription copies of events its cursor cannot hold: retries, delayed events, events waiting behind those of their key, unrouted and replayed events. Written by relays and replay only.';
 COMMENT ON COLUMN outbox.deliveries.reason IS
     'Why the row exists: retry (a delivery failed), delayed (published with a future available_at), blocked (waits for an earlier event of its key), queued (released unattempted, unrouted by the relay that read it, or moved from the old queue), replayed (a dead letter sent again).';
+
+COMMENT ON COLUMN outbox.deliveries.subscription IS 'The subscription that owes the event.';
+COMMENT ON COLUMN outbox.deliveries.seq IS 'The row''s handle for the relay that claims it.';
+COMMENT ON COLUMN outbox.deliveries.id IS 'The event id (as in outbox.events).';
+COMMENT ON COLUMN outbox.deliveries.tx IS 'The publishing transaction; 0 for replayed or migrated events. A key''s rows go in (tx, id) order.';
+COMMENT ON COLUMN outbox.deliveries.topic IS 'The event topic.';
+COMMENT ON COLUMN outbox.deliveries.key IS 'The event ordering key, or NULL.';
+COMMENT ON COLUMN outbox.deliveries.payload IS 'The event body, as published.';
+COMMENT ON COLUMN outbox.deliveries.headers IS 'The event headers, as published.';
+COMMENT ON COLUMN outbox.deliveries.created_at IS 'When the event was published.';
+COMMENT ON COLUMN outbox.deliveries.available_at IS 'When it is due; the lease end while a relay holds it; infinity while it waits for an earlier event of its key.';
+COMMENT ON COLUMN outbox.deliveries.not_before IS 'The publisher''s available_at: a row woken from infinity is not due before it.';
+COMMENT ON COLUMN outbox.deliveries.attempts IS 'Delivery attempts so far, for this subscription.';
+COMMENT ON COLUMN outbox.deliveries.last_error IS 'Why the latest attempt failed.';
+COMMENT ON COLUMN outbox.deliveries.claimed_by IS 'The relay that claimed it last (for operators).';
+COMMENT ON COLUMN outbox.deliveries.token IS 'Fencing token of the claim holding it.';
 
 CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription, available_at);
 CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, tx, id) WHERE key IS NOT NULL;
