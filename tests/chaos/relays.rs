@@ -1,6 +1,7 @@
-//! Relay processes: the real `outbox relay` binary, delivering to the
-//! recording receiver, each tagged with a `chaos-relay: <slot>.<generation>`
-//! header so every attempt says which process made it.
+//! Relay processes: the real `outbox relay` binary serving one named
+//! subscription, delivering to the recording receiver, each tagged with a
+//! `chaos-relay: <subscription>/<slot>.<generation>` header so every
+//! attempt says which process made it.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ pub const APPLICATION_NAME: &str = "outbox-chaos-relay";
 /// How the relays run; see the flags in docs/cli.md.
 pub struct Settings {
     pub database_url: String,
+    /// The subscription they serve (every topic).
+    pub subscription: String,
     pub webhook_url: String,
     pub workers: usize,
     pub batch_size: u32,
@@ -53,7 +56,15 @@ impl Relays {
 
     /// The label of the process now in `slot`, as its header carries it.
     pub fn label(&self, slot: usize) -> String {
-        format!("{slot}.{}", self.generations[slot])
+        format!(
+            "{}/{slot}.{}",
+            self.settings.subscription, self.generations[slot]
+        )
+    }
+
+    fn log_path(&self, slot: usize) -> PathBuf {
+        self.logs
+            .join(format!("relay-{}-{slot}.log", self.settings.subscription))
     }
 
     fn spawn(&self, slot: usize) -> Child {
@@ -62,12 +73,13 @@ impl Relays {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.logs.join(format!("relay-{slot}.log")))
+            .open(self.log_path(slot))
             .unwrap();
         let parent = std::process::id();
         let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
         command
             .args(["relay", "--sink", "webhook", "--url", &s.webhook_url])
+            .args(["--subscription", &s.subscription, "--topic", "*"])
             .args(["--header", &format!("chaos-relay={}", self.label(slot))])
             .args(["--workers", &s.workers.to_string()])
             .args(["--batch-size", &s.batch_size.to_string()])
@@ -115,8 +127,7 @@ impl Relays {
     pub fn assert_alive(&mut self) {
         for slot in 0..self.slots.len() {
             if let Some(status) = self.slots[slot].try_wait().unwrap() {
-                let log = std::fs::read_to_string(self.logs.join(format!("relay-{slot}.log")))
-                    .unwrap_or_default();
+                let log = std::fs::read_to_string(self.log_path(slot)).unwrap_or_default();
                 panic!(
                     "relay {} exited on its own ({status}); its log:\n{log}",
                     self.label(slot)

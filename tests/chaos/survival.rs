@@ -1,6 +1,8 @@
-//! The chaos run: publishers, three relay processes, a failing receiver,
-//! and a schedule of kills, backend terminations and a server crash; then
-//! an exact account of what was delivered, what died and what came twice.
+//! The chaos run: publishers, three subscriptions of the same events, each
+//! served by two relay processes into its own failing receiver, and a
+//! schedule of kills, backend terminations and a server crash; then, for
+//! each subscription, an exact account of what was delivered, what died
+//! and what came twice.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -15,8 +17,11 @@ use crate::receiver::{Receiver, POISON_REFUSAL};
 use crate::relays::{Relays, Settings, APPLICATION_NAME};
 use crate::{count, knob, log_dir};
 
-pub(crate) const RELAYS: usize = 3;
-pub(crate) const WORKERS: usize = 4;
+/// The subscriptions: each gets every event.
+const SUBSCRIPTIONS: [&str; 3] = ["alpha", "beta", "gamma"];
+/// Relay processes per subscription, sharing its lanes.
+pub(crate) const RELAYS: usize = 2;
+pub(crate) const WORKERS: usize = 2;
 pub(crate) const BATCH: u32 = 50;
 /// Short, so a killed relay's events come back within the run.
 pub(crate) const LEASE: Duration = Duration::from_secs(3);
@@ -51,21 +56,39 @@ fn chaos_loses_nothing() {
         outbox::migrate(&mut conn).expect("migrating the private cluster");
         publisher::create_table(&mut conn);
     }
-    let receiver = Receiver::start(8, fail_ratio);
+    {
+        let mut conn = publisher::connect(cluster.url());
+        for name in SUBSCRIPTIONS {
+            outbox::register_subscription(&mut conn, name, &["*"]).expect("registering");
+        }
+        outbox::remove_subscription(&mut conn, outbox::DEFAULT_SUBSCRIPTION)
+            .expect("removing the default subscription");
+    }
+    let receivers: Vec<Receiver> = SUBSCRIPTIONS
+        .iter()
+        .map(|_| Receiver::start(4, fail_ratio))
+        .collect();
     let logs = log_dir("chaos");
-    let mut relays = Relays::start(
-        RELAYS,
-        Settings {
-            database_url: cluster.url_named(APPLICATION_NAME),
-            webhook_url: receiver.url(),
-            workers: WORKERS,
-            batch_size: BATCH,
-            lease: LEASE,
-            backoff_initial: BACKOFF_INITIAL,
-            backoff_max: BACKOFF_MAX,
-        },
-        logs.clone(),
-    );
+    let mut groups: Vec<Relays> = SUBSCRIPTIONS
+        .iter()
+        .zip(&receivers)
+        .map(|(name, receiver)| {
+            Relays::start(
+                RELAYS,
+                Settings {
+                    database_url: cluster.url_named(APPLICATION_NAME),
+                    subscription: (*name).to_owned(),
+                    webhook_url: receiver.url(),
+                    workers: WORKERS,
+                    batch_size: BATCH,
+                    lease: LEASE,
+                    backoff_initial: BACKOFF_INITIAL,
+                    backoff_max: BACKOFF_MAX,
+                },
+                logs.clone(),
+            )
+        })
+        .collect();
     let publishing = {
         let url = cluster.url().to_owned();
         std::thread::spawn(move || publisher::publish(&url, plan))
@@ -82,15 +105,18 @@ fn chaos_loses_nothing() {
     let mut disruptions: Vec<(Instant, Disruption)> = Vec::new();
     let mut monitor = publisher::connect(cluster.url());
     let (mut kills, mut terminations, mut restarts) = (0u32, 0u32, 0u32);
+    let mut kills_of = [0u32; SUBSCRIPTIONS.len()];
     for tick in 1.. {
         std::thread::sleep(kill_every / 2);
-        relays.assert_alive();
+        groups.iter_mut().for_each(Relays::assert_alive);
         if tick % 2 == 0 {
-            let slot = rand::random_range(0..relays.len());
+            let group = rand::random_range(0..groups.len());
+            let slot = rand::random_range(0..groups[group].len());
             let at = Instant::now();
-            let killed = relays.kill_and_restart(slot);
+            let killed = groups[group].kill_and_restart(slot);
             disruptions.push((at, Disruption::Kill(killed)));
             kills += 1;
+            kills_of[group] += 1;
         } else if tick == 3 || tick == 13 {
             let at = Instant::now();
             let n = terminate_relay_backends(&mut monitor);
@@ -111,54 +137,57 @@ fn chaos_loses_nothing() {
     let chaos_ended = Instant::now();
     let (published, publish_failures, ambiguous) = publishing.join().expect("publishers");
 
-    // Drain: wait for the receiver's deliveries until every non-poison
-    // event came through, then for the queue to empty (the last settles),
-    // looking at it after each further delivery or every 200 ms.
+    // Drain: wait for every receiver's deliveries until every non-poison
+    // event came through to each, then for nothing to be owed (the last
+    // settles), looking again after each further delivery or every 200 ms.
     let expected: HashSet<i64> = published
         .iter()
         .filter(|p| !p.poison)
         .map(|p| p.id)
         .collect();
-    let mut missing = expected.clone();
+    let mut missing: Vec<HashSet<i64>> = receivers.iter().map(|_| expected.clone()).collect();
     let deadline = Instant::now() + patience;
     let mut conn = publisher::connect(cluster.url());
     loop {
-        match receiver
-            .delivered()
-            .recv_timeout(Duration::from_millis(200))
-        {
-            Ok(id) => {
-                missing.remove(&id);
-            }
-            Err(_) => relays.assert_alive(),
+        let mut select = crossbeam_channel::Select::new();
+        for receiver in &receivers {
+            select.recv(receiver.delivered());
         }
-        if missing.is_empty() && count(&mut conn, "outbox.events") == 0 {
+        match select.select_timeout(Duration::from_millis(200)) {
+            Ok(op) => {
+                let index = op.index();
+                if let Ok(id) = op.recv(receivers[index].delivered()) {
+                    missing[index].remove(&id);
+                }
+            }
+            Err(_) => groups.iter_mut().for_each(Relays::assert_alive),
+        }
+        if missing.iter().all(HashSet::is_empty) && count(&mut conn, "outbox.pending") == 0 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "not drained after {patience:?}: {} events never delivered (e.g. {:?}), {} queued",
-            missing.len(),
-            missing.iter().take(5).collect::<Vec<_>>(),
-            count(&mut conn, "outbox.events")
+            "not drained after {patience:?}: {:?} events never delivered (per subscription), {} owed",
+            missing.iter().map(HashSet::len).collect::<Vec<_>>(),
+            count(&mut conn, "outbox.pending")
         );
     }
     let drained = Instant::now();
-    // Once the faults stop, nothing waits for a deferral margin (60 s) or a
-    // poll: the last events follow within a lease (a killed relay's batch)
-    // and a few seconds of work.
+    // Once the faults stop, nothing waits for a poll or a margin: the last
+    // events follow within a lease (a killed relay's batch) and a few
+    // seconds of work.
     let drain_bound = Duration::from_secs(knob("OUTBOX_CHAOS_DRAIN_SECS", LEASE.as_secs() + 5));
     assert!(
         drained - chaos_ended <= drain_bound,
         "drained {:?} after the faults stopped, bound {drain_bound:?}",
         drained - chaos_ended
     );
-    drop(relays);
-    let attempts = receiver.attempts();
+    drop(groups);
 
-    // No key waited out its deferral margin: every successor was woken by
-    // the settle of the event before it (relays warn about each rescue).
-    let rescues = relay_log_lines(&logs, "came due by their deferral margin");
+    // No key waited for a rescue: every row waiting behind an earlier event
+    // of its key was woken by the settle of that event (relays warn about
+    // each rescue).
+    let rescues = relay_log_lines(&logs, "removed without a settle");
     assert!(
         rescues.is_empty(),
         "stranded keys were rescued: {rescues:#?}"
@@ -175,51 +204,72 @@ fn chaos_loses_nothing() {
     assert_eq!(rows, confirmed, "business rows and published events differ");
     assert_eq!(published.len() as u64, plan.events());
 
-    // Zero lost: every non-poison event delivered, the queue empty.
-    let delivered: HashSet<i64> = attempts
-        .iter()
-        .filter(|a| a.delivered())
-        .map(|a| a.id)
-        .collect();
-    let lost: Vec<_> = expected.difference(&delivered).collect();
-    assert!(
-        lost.is_empty(),
-        "{} events lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    // Per subscription: zero lost, the poison (and only the poison) dead
+    // with the refusal, first deliveries in publish order per key, and
+    // every duplicate explained by a kill or an outage.
     let poison: HashSet<i64> = published
         .iter()
         .filter(|p| p.poison)
         .map(|p| p.id)
         .collect();
-    assert!(
-        delivered.is_disjoint(&poison),
-        "a poison event was accepted"
-    );
-    assert_eq!(count(&mut conn, "outbox.events"), 0);
-
-    // The dead letters are exactly the poison events, with the refusal.
+    assert_eq!(count(&mut conn, "outbox.pending"), 0);
     let dead = dead_letters(&mut conn);
-    let dead_ids: HashSet<i64> = dead.iter().map(|d| d.id).collect();
-    assert_eq!(
-        dead_ids, poison,
-        "dead letters are not exactly the poison events"
-    );
+    let mut summary = Vec::new();
+    for (index, name) in SUBSCRIPTIONS.iter().enumerate() {
+        let attempts = receivers[index].attempts();
+        let delivered: HashSet<i64> = attempts
+            .iter()
+            .filter(|a| a.delivered())
+            .map(|a| a.id)
+            .collect();
+        let lost: Vec<_> = expected.difference(&delivered).collect();
+        assert!(
+            lost.is_empty(),
+            "{name}: {} events lost, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+        assert!(
+            delivered.is_disjoint(&poison),
+            "{name}: a poison event was accepted"
+        );
+        let dead_ids: HashSet<i64> = dead
+            .iter()
+            .filter(|d| d.subscription == *name)
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(
+            dead_ids, poison,
+            "{name}: dead letters are not exactly the poison events"
+        );
+        assert_first_deliveries_in_publish_order(&published, &attempts);
+        let duplicates = account_for_duplicates(
+            &attempts,
+            &disruptions,
+            kills_of[index],
+            terminations + restarts,
+        );
+        let failed = attempts.iter().filter(|a| a.status == 503).count();
+        summary.push(format!(
+            "{name}: {} attempts ({failed} answered 503), {} events delivered twice or more \
+             ({} at a kill; {} extra deliveries)",
+            attempts.len(),
+            duplicates.events,
+            duplicates.at_a_kill,
+            duplicates.extra
+        ));
+    }
     for letter in &dead {
         assert!(
             letter.last_error.starts_with("permanent failure: HTTP 422")
                 && letter.last_error.contains(POISON_REFUSAL),
-            "dead letter {} says {:?}",
+            "dead letter {} of {} says {:?}",
             letter.id,
+            letter.subscription,
             letter.last_error
         );
         assert!(letter.attempts >= 1);
     }
-
-    assert_first_deliveries_in_publish_order(&published, &attempts);
-    let duplicates =
-        account_for_duplicates(&attempts, &disruptions, kills, terminations + restarts);
 
     let terminated: i64 = disruptions
         .iter()
@@ -228,19 +278,16 @@ fn chaos_loses_nothing() {
             _ => 0,
         })
         .sum();
-    let failed = attempts.iter().filter(|a| a.status == 503).count();
     eprintln!(
-        "chaos: {} events ({} poison) over {keys} keys; {} attempts ({failed} answered 503); \
+        "chaos: {} events ({} poison) over {keys} keys, {} subscriptions; \
          {kills} kills, {terminations} terminations ({terminated} backends), {restarts} restart; \
-         {} events delivered twice or more ({} at a kill; {} extra deliveries); {publish_failures} publish transactions failed and were retried \
+         {}; {publish_failures} publish transactions failed and were retried \
          ({ambiguous} had committed); \
          chaos {:.1}s, drained {:.1}s later, {:.1}s in all",
         published.len(),
         poison.len(),
-        attempts.len(),
-        duplicates.events,
-        duplicates.at_a_kill,
-        duplicates.extra,
+        SUBSCRIPTIONS.len(),
+        summary.join("; "),
         (chaos_ended - started).as_secs_f64(),
         (drained - chaos_ended).as_secs_f64(),
         started.elapsed().as_secs_f64(),
@@ -304,6 +351,8 @@ fn business_rows(conn: &mut PgConnection) -> Vec<(String, i32, i64)> {
 
 #[derive(QueryableByName)]
 struct DeadLetter {
+    #[diesel(sql_type = Text)]
+    subscription: String,
     #[diesel(sql_type = BigInt)]
     id: i64,
     #[diesel(sql_type = Integer)]
@@ -313,7 +362,7 @@ struct DeadLetter {
 }
 
 fn dead_letters(conn: &mut PgConnection) -> Vec<DeadLetter> {
-    diesel::sql_query("SELECT id, attempts, last_error FROM outbox.dead_letters")
+    diesel::sql_query("SELECT subscription, id, attempts, last_error FROM outbox.dead_letters")
         .load(conn)
         .expect("reading the dead letters")
 }
