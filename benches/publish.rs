@@ -1,8 +1,13 @@
 //! Publish cost.
 //!
-//! - `publish`: one publisher; a business transaction alone, with one and
-//!   ten outbox events, and the same rows written by hand-written SQL (the
-//!   baseline).
+//! - `publish`: one publisher; a business transaction alone, and with one
+//!   and ten events: written by a hand-written INSERT into a plain table of
+//!   the log's columns (`plain_insert`, the baseline: what an application
+//!   pays for any table of events), by a hand-written INSERT into
+//!   `outbox.events` (`raw_sql`), and through `outbox::transaction` with 0,
+//!   1 and 5 named subscriptions registered (`outbox_transaction/subsS`;
+//!   the default subscription is removed, so S is every subscription).
+//!   Each candidate starts from empty tables.
 //! - `concurrent_publishers`: 1, 4 and 16 publishers committing a business
 //!   row and an event each, while a relay (listening, 4 workers) delivers
 //!   them, with three wake-up designs: the shipped one (`wake_on_demand`:
@@ -15,11 +20,14 @@
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
+#[path = "support/raw.rs"]
+mod raw;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use serde::Serialize;
@@ -57,9 +65,15 @@ fn event(order_id: i64) -> OrderApproved {
     }
 }
 
-/// The baseline: the event rows as a user would write them by hand.
-fn raw_insert_events(conn: &mut PgConnection, order_id: i64, n: usize) -> QueryResult<usize> {
-    let mut sql = String::from("INSERT INTO outbox.events (topic, key, payload) VALUES ");
+/// The event rows as a user would write them by hand into `table`
+/// (`bench.events`, the baseline, or `outbox.events`).
+fn raw_insert_events(
+    conn: &mut PgConnection,
+    table: &str,
+    order_id: i64,
+    n: usize,
+) -> QueryResult<usize> {
+    let mut sql = format!("INSERT INTO {table} (topic, key, payload) VALUES ");
     for i in 0..n {
         if i > 0 {
             sql.push_str(", ");
@@ -76,17 +90,38 @@ fn raw_insert_events(conn: &mut PgConnection, order_id: i64, n: usize) -> QueryR
     query.execute(conn)
 }
 
+/// Exactly `n` subscriptions, all named (`sub-0` …), for `order.*`.
+fn set_subscriptions(conn: &mut PgConnection, n: usize) {
+    conn.batch_execute("DELETE FROM outbox.subscriptions")
+        .unwrap();
+    for i in 0..n {
+        outbox::register_subscription(conn, &format!("sub-{i}"), &["order.*"]).unwrap();
+    }
+}
+
+/// Every candidate starts from empty tables (nothing delivers here, so
+/// the log would otherwise grow from one candidate to the next).
+fn empty_tables(conn: &mut PgConnection) {
+    conn.batch_execute("TRUNCATE orders, bench.events, outbox.events")
+        .unwrap();
+    conn.batch_execute("VACUUM ANALYZE orders, bench.events, outbox.events")
+        .unwrap();
+}
+
 fn publish(c: &mut Criterion) {
     let db = pg::test_db();
     let mut conn = db.conn();
     diesel::sql_query("CREATE TABLE orders (id bigint PRIMARY KEY, status text NOT NULL)")
         .execute(&mut conn)
         .unwrap();
+    raw::create_tables(&mut conn);
+    set_subscriptions(&mut conn, 0);
 
     let mut group = c.benchmark_group("publish");
     group.throughput(Throughput::Elements(1));
     group.sample_size(30);
 
+    empty_tables(&mut conn);
     group.bench_function(BenchmarkId::new("business_row_only", 0), |b| {
         b.iter(|| {
             conn.transaction(|tx| insert_order(tx, next_order()))
@@ -94,37 +129,49 @@ fn publish(c: &mut Criterion) {
         })
     });
     for events in [1usize, 10] {
-        group.bench_function(BenchmarkId::new("raw_sql", events), |b| {
-            b.iter(|| {
-                conn.transaction(|tx| {
-                    let id = next_order();
-                    insert_order(tx, id)?;
-                    raw_insert_events(tx, id, events)
+        for (name, table) in [
+            ("plain_insert", "bench.events"),
+            ("raw_sql", "outbox.events"),
+        ] {
+            empty_tables(&mut conn);
+            group.bench_function(BenchmarkId::new(name, events), |b| {
+                b.iter(|| {
+                    conn.transaction(|tx| {
+                        let id = next_order();
+                        insert_order(tx, id)?;
+                        raw_insert_events(tx, table, id, events)
+                    })
+                    .unwrap()
                 })
-                .unwrap()
-            })
-        });
-        group.bench_function(BenchmarkId::new("outbox_transaction", events), |b| {
-            b.iter(|| {
-                outbox::transaction(&mut conn, |tx| {
-                    let id = next_order();
-                    insert_order(tx.conn(), id)?;
-                    if events == 1 {
-                        tx.publish(&event(id)).map(|_| ())
-                    } else {
-                        let batch: Vec<_> = (0..events).map(|_| event(id)).collect();
-                        tx.publish_all(&batch).map(|_| ())
-                    }
-                })
-                .unwrap()
-            })
-        });
+            });
+        }
+        for subscriptions in [0usize, 1, 5] {
+            set_subscriptions(&mut conn, subscriptions);
+            empty_tables(&mut conn);
+            group.bench_function(
+                BenchmarkId::new(format!("outbox_transaction/subs{subscriptions}"), events),
+                |b| {
+                    b.iter(|| {
+                        outbox::transaction(&mut conn, |tx| {
+                            let id = next_order();
+                            insert_order(tx.conn(), id)?;
+                            if events == 1 {
+                                tx.publish(&event(id)).map(|_| ())
+                            } else {
+                                let batch: Vec<_> = (0..events).map(|_| event(id)).collect();
+                                tx.publish_all(&batch).map(|_| ())
+                            }
+                        })
+                        .unwrap()
+                    })
+                },
+            );
+        }
+        set_subscriptions(&mut conn, 0);
     }
     group.finish();
-    // Keep the queue from growing across benchmark runs on a shared server.
-    diesel::sql_query("TRUNCATE outbox.events")
-        .execute(&mut conn)
-        .unwrap();
+    // Keep the log from growing across benchmark runs on a shared server.
+    empty_tables(&mut conn);
 }
 
 /// The trigger function of the first release: NOTIFY on every insert.

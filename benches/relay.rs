@@ -1,8 +1,21 @@
 //! Relay throughput and latency.
 //!
-//! - `drain`: time to deliver a backlog of 100k events to a no-op sink, at
-//!   batch sizes 100 / 500 / 1000 and 1 / 2 / 4 workers, beside a raw SQL
-//!   claim-and-delete loop (one drainer) in the same group.
+//! - `drain`: time to deliver a backlog of 100k events to no-op sinks, at
+//!   batch 500 (`OUTBOX_DRAIN_BATCHES`, comma-separated) and 1 / 2 / 4
+//!   workers, beside two hand-written drains of a plain queue table of the
+//!   same size (`bench.queue`, one client) in the same group:
+//!   - `raw_delete`: the at-most-once loop (`DELETE … RETURNING` of 500
+//!     rows `FOR UPDATE SKIP LOCKED`), issue 13's baseline;
+//!   - `raw_claim_delete`: claim under a lease, then delete (what an
+//!     at-least-once queue drain costs by hand).
+//!
+//!   `relay/batchB/W`: one named subscription, W workers.
+//!   `three_subscriptions/batchB/W`: three named subscriptions of the same
+//!   topic in one relay (W workers each), timed to the 300,000th delivery;
+//!   its throughput is deliveries/s. The default subscription is removed
+//!   in both databases, so nothing else keeps the log.
+//!   `OUTBOX_DRAIN_KEYS=1000` spreads the events over that many ordering
+//!   keys (0, the default: keyless); the queue table gets the same keys.
 //! - `commit_to_sink`: from the publisher's commit returning to the sink
 //!   being called, woken by NOTIFY versus found by a 50 ms poll.
 //! - an idle relay's CPU use over 10 s, printed before the groups.
@@ -14,8 +27,6 @@ mod pg;
 #[path = "support/raw.rs"]
 mod raw;
 
-use raw::{raw_claim_delete, Row};
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,40 +35,64 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use crossbeam_channel::{bounded, Sender};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 
 const BACKLOG: usize = 100_000;
+const TOPIC: &str = "bench.drain";
+const THREE: [&str; 3] = ["drain-a", "drain-b", "drain-c"];
 
 type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 fn pool(db: &pg::TestDb) -> PgPool {
     Pool::builder()
-        .max_size(6)
+        .max_size(16)
         .build(ConnectionManager::new(db.url()))
         .unwrap()
 }
 
-fn fill_backlog(conn: &mut PgConnection, n: usize) {
-    // `OUTBOX_DRAIN_KEYS=1000`: the events spread round-robin over that
-    // many ordering keys (0, the default: keyless).
-    let keys: i32 = std::env::var("OUTBOX_DRAIN_KEYS")
+/// `OUTBOX_DRAIN_KEYS=1000`: the events spread round-robin over that many
+/// ordering keys (0, the default: keyless).
+fn keys() -> i64 {
+    std::env::var("OUTBOX_DRAIN_KEYS")
         .ok()
         .map(|k| k.parse().expect("OUTBOX_DRAIN_KEYS must be a number"))
-        .unwrap_or(0);
-    diesel::sql_query(
-        "INSERT INTO outbox.events (topic, key, payload)
-         SELECT 'bench.drain', CASE WHEN $2 > 0 THEN 'k' || (g % $2) END,
-                jsonb_build_object('n', g, 'email', 'customer' || g || '@example.com')
-           FROM generate_series(1, $1) g",
-    )
-    .bind::<diesel::sql_types::Integer, _>(n as i32)
-    .bind::<diesel::sql_types::Integer, _>(keys)
-    .execute(conn)
-    .unwrap();
-    diesel::sql_query("VACUUM ANALYZE outbox.events")
-        .execute(conn)
+        .unwrap_or(0)
+}
+
+fn batches() -> Vec<u32> {
+    std::env::var("OUTBOX_DRAIN_BATCHES")
+        .unwrap_or_else(|_| "500".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("OUTBOX_DRAIN_BATCHES: numbers"))
+        .collect()
+}
+
+/// Publishes the backlog into the log (one transaction) and refreshes the
+/// planner's view; untimed.
+fn fill_log(conn: &mut PgConnection) {
+    raw::fill(conn, "outbox.events", TOPIC, BACKLOG, keys());
+    conn.batch_execute("VACUUM ANALYZE outbox.events, outbox.cursors, outbox.deliveries")
         .unwrap();
+}
+
+/// After a drain, untimed: checks that nothing is owed, and empties the
+/// log (what `outbox.reclaim` does once a segment's transactions are all
+/// older than every cursor; a bench burns too few transaction ids to
+/// rotate a segment), so every iteration starts from the same log size.
+fn empty_log(conn: &mut PgConnection) {
+    assert_eq!(
+        raw::pending(conn),
+        0,
+        "a drained subscription still owes events"
+    );
+    conn.batch_execute("TRUNCATE outbox.events").unwrap();
+}
+
+fn fill_queue(conn: &mut PgConnection) {
+    raw::fill(conn, "bench.queue", TOPIC, BACKLOG, keys());
+    conn.batch_execute("VACUUM ANALYZE bench.queue").unwrap();
 }
 
 /// Signals once `target` events were delivered.
@@ -75,55 +110,61 @@ impl outbox::Observer for DrainWatch {
     }
 }
 
-/// The raw limit: delete while reading, one statement per batch. Not a
-/// valid relay (a crash after the delete loses the batch), shown for scale.
-fn raw_delete(conn: &mut PgConnection, batch: i64) -> usize {
-    let mut total = 0;
-    loop {
-        let rows: Vec<Row> = diesel::sql_query(
-            "WITH batch AS (
-                 SELECT id FROM outbox.events
-                  WHERE available_at <= now()
-                  ORDER BY available_at, id
-                  LIMIT $1
-                    FOR UPDATE SKIP LOCKED)
-             DELETE FROM outbox.events e USING batch
-              WHERE e.id = batch.id
-             RETURNING e.id, e.payload",
-        )
-        .bind::<diesel::sql_types::BigInt, _>(batch)
-        .load(conn)
-        .unwrap();
-        if rows.is_empty() {
-            return total;
-        }
-        total += rows.len();
+/// Starts a relay serving `subscriptions` (no-op sinks), times it from
+/// `start()` to the last of `BACKLOG` deliveries per subscription, stops it.
+fn relay_drains(pool: &PgPool, subscriptions: &[&str], workers: usize, batch: u32) -> Duration {
+    let (done, drained) = bounded(1);
+    let watch = Arc::new(DrainWatch {
+        delivered: AtomicUsize::new(0),
+        target: BACKLOG * subscriptions.len(),
+        done,
+    });
+    let start = Instant::now();
+    let mut builder = outbox::Relay::builder(pool.clone())
+        .workers(workers)
+        .batch_size(batch)
+        .observer(watch.clone());
+    for name in subscriptions {
+        builder = builder.subscribe(name, &[TOPIC], |_: &outbox::StoredEvent| Ok(()));
     }
+    let relay = builder.start().unwrap();
+    drained.recv_timeout(Duration::from_secs(600)).unwrap();
+    let took = start.elapsed();
+    relay.shutdown(Duration::from_secs(30)).unwrap();
+    took
 }
 
 fn drain(c: &mut Criterion) {
-    let db = pg::test_db();
-    let pool = pool(&db);
-    let mut conn = db.conn();
+    // One database per subscription layout: a subscription keeps every
+    // event of its topic, so the one-subscription runs must not publish
+    // into a database where three more wait.
+    let one = pg::test_db();
+    let three = pg::test_db();
+    let (one_pool, three_pool) = (pool(&one), pool(&three));
+    let mut conn = one.conn();
+    let mut three_conn = three.conn();
+    raw::create_tables(&mut conn);
+    raw::subscriptions_only(&mut conn, &["drain"], &[TOPIC]);
+    raw::subscriptions_only(&mut three_conn, &THREE, &[TOPIC]);
     let mut group = c.benchmark_group("drain");
     group.sampling_mode(SamplingMode::Flat);
     group.sample_size(10);
-    group.throughput(Throughput::Elements(BACKLOG as u64));
-    for batch in [100u32, 500, 1000] {
+    for batch in batches() {
+        group.throughput(Throughput::Elements(BACKLOG as u64));
         for (name, raw) in [
             (
                 "raw_delete",
-                raw_delete as fn(&mut PgConnection, i64) -> usize,
+                raw::raw_delete as fn(&mut PgConnection, i64) -> usize,
             ),
             ("raw_claim_delete", |conn, batch| {
-                raw_claim_delete(conn, batch, usize::MAX)
+                raw::raw_claim_delete(conn, batch, usize::MAX)
             }),
         ] {
             group.bench_function(BenchmarkId::new(format!("{name}/batch{batch}"), 1), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        fill_backlog(&mut conn, BACKLOG);
+                        fill_queue(&mut conn);
                         let start = Instant::now();
                         assert_eq!(raw(&mut conn, i64::from(batch)), BACKLOG);
                         total += start.elapsed();
@@ -139,24 +180,26 @@ fn drain(c: &mut Criterion) {
                     b.iter_custom(|iters| {
                         let mut total = Duration::ZERO;
                         for _ in 0..iters {
-                            fill_backlog(&mut conn, BACKLOG);
-                            let (done, drained) = bounded(1);
-                            let watch = Arc::new(DrainWatch {
-                                delivered: AtomicUsize::new(0),
-                                target: BACKLOG,
-                                done,
-                            });
-                            let start = Instant::now();
-                            let relay = outbox::Relay::builder(pool.clone())
-                                .workers(workers)
-                                .batch_size(batch)
-                                .route("*", |_: &outbox::StoredEvent| Ok(()))
-                                .observer(watch.clone())
-                                .start()
-                                .unwrap();
-                            drained.recv_timeout(Duration::from_secs(600)).unwrap();
-                            total += start.elapsed();
-                            relay.shutdown(Duration::from_secs(30)).unwrap();
+                            fill_log(&mut conn);
+                            total += relay_drains(&one_pool, &["drain"], workers, batch);
+                            empty_log(&mut conn);
+                        }
+                        total
+                    })
+                },
+            );
+        }
+        group.throughput(Throughput::Elements((BACKLOG * THREE.len()) as u64));
+        for workers in [1usize, 2] {
+            group.bench_function(
+                BenchmarkId::new(format!("three_subscriptions/batch{batch}"), workers),
+                |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            fill_log(&mut three_conn);
+                            total += relay_drains(&three_pool, &THREE, workers, batch);
+                            empty_log(&mut three_conn);
                         }
                         total
                     })
