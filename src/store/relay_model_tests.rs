@@ -53,16 +53,49 @@ const SETTLE_FORGETS_TO_WAKE: &str = "
     CREATE OR REPLACE FUNCTION outbox.wake_next_of_keys(p_subscription text, done_keys text[])
     RETURNS void LANGUAGE sql AS $$ SELECT $$";
 
+/// What a run may do besides the steps every run takes.
+#[derive(Clone, Copy)]
+struct Config {
+    /// Publish some events delayed (an hour, until "time passes").
+    delayed: bool,
+    /// One of the default subscription's workers routes only `order.*`,
+    /// so its claims park `user.signup` events as unrouted.
+    partial_routing: bool,
+}
+
+/// Every kind of step.
+const FULL: Config = Config {
+    delayed: true,
+    partial_routing: true,
+};
+
+/// No claim parks a row (delayed, unrouted) beside an earlier row of its
+/// key that it returns: the case of the product bug that keeps [`FULL`]
+/// ignored. Rows still park behind retries, and everything else runs.
+const NO_PARKING_BESIDE_IN_FLIGHT: Config = Config {
+    delayed: false,
+    partial_routing: false,
+};
+
 #[test]
-#[ignore = "product bug: a retry or an unrouted event is queued behind a later event of its key parked by the same claim, which then overtakes it (see relay_race_tests::a_retry_is_not_queued_behind_a_later_event_its_claim_parked); seed 1 hits it"]
+#[ignore = "product bug: a claim that returns an event of a key and parks a later one of that key (delayed or unrouted) lets the later one overtake: it is due (unrouted, or delayed and due) while the earlier is in flight, and a retry or release of the earlier is queued behind it (relay_race_tests::a_retry_is_not_queued_behind_a_later_event_its_claim_parked, ::an_unrouted_event_waits_for_the_earlier_event_of_its_key_in_flight); seeds 1 and 3 hit it"]
 fn random_steps_lose_nothing_keep_key_order_and_strand_nothing() {
+    run_seeds(FULL);
+}
+
+#[test]
+fn random_steps_without_parking_beside_events_in_flight_lose_nothing_and_keep_key_order() {
+    run_seeds(NO_PARKING_BESIDE_IN_FLIGHT);
+}
+
+fn run_seeds(config: Config) {
     let seeds = match std::env::var("OUTBOX_MODEL_SEED") {
         Ok(seed) => vec![seed.parse().expect("OUTBOX_MODEL_SEED is a u64")],
         Err(_) => SEEDS.to_vec(),
     };
     for seed in seeds {
         println!("model seed {seed} (OUTBOX_MODEL_SEED={seed} replays it)");
-        match run(seed, None) {
+        match run(seed, config, None) {
             Ok(stats) => println!("seed {seed}: {stats:?}"),
             Err(failure) => panic!("{failure}"),
         }
@@ -72,13 +105,18 @@ fn random_steps_lose_nothing_keep_key_order_and_strand_nothing() {
 /// The model is only worth its runs if a broken protocol fails them.
 #[test]
 fn the_model_notices_a_settle_that_forgets_to_wake_the_next_row() {
-    let failure = run(SEEDS[0], Some(SETTLE_FORGETS_TO_WAKE)).expect_err("a run without wakes");
+    let failure = run(
+        SEEDS[0],
+        NO_PARKING_BESIDE_IN_FLIGHT,
+        Some(SETTLE_FORGETS_TO_WAKE),
+    )
+    .expect_err("a run without wakes");
     assert!(failure.contains("stranded"), "{failure}");
 }
 
-fn run(seed: u64, sabotage: Option<&str>) -> Result<Stats, String> {
+fn run(seed: u64, config: Config, sabotage: Option<&str>) -> Result<Stats, String> {
     let db = pg::test_db();
-    let mut model = Model::new(&db, seed);
+    let mut model = Model::new(&db, seed, config);
     if let Some(sql) = sabotage {
         model.observer.batch_execute(sql).expect("sabotage");
     }
@@ -89,7 +127,9 @@ fn run(seed: u64, sabotage: Option<&str>) -> Result<Stats, String> {
         })
         .and_then(|()| model.drain());
     outcome.map(|()| model.stats).map_err(|violation| {
-        let recent = model.log.len().saturating_sub(40);
+        // OUTBOX_MODEL_LOG=<n>: how many of the last steps a failure shows.
+        let shown = std::env::var("OUTBOX_MODEL_LOG").map_or(40, |n| n.parse().unwrap_or(40));
+        let recent = model.log.len().saturating_sub(shown);
         format!(
             "seed {seed}: {violation}\nreproduce with OUTBOX_MODEL_SEED={seed}; last steps:\n  {}",
             model.log[recent..].join("\n  ")
@@ -122,6 +162,7 @@ struct Stats {
     fenced: usize,
     duplicates: usize,
     segments_truncated: usize,
+    pending_ghosts: usize,
 }
 
 struct Sub {
@@ -202,6 +243,9 @@ struct Ledger {
     /// Settles the database accepted with `delivered` or `dead`.
     settled: BTreeMap<i64, usize>,
     dead: BTreeSet<i64>,
+    /// Events a sink refused for good (dead verdicts, settled or not): for
+    /// key order, as good as delivered.
+    refused: BTreeSet<i64>,
     /// Events a sink got or a verdict was given for under a lease lost
     /// before the settle: the documented duplicates.
     lost: BTreeSet<i64>,
@@ -209,6 +253,7 @@ struct Ledger {
 
 struct Model {
     rng: StdRng,
+    config: Config,
     observer: PgConnection,
     subs: Vec<Sub>,
     workers: Vec<Worker>,
@@ -223,7 +268,7 @@ struct Model {
 }
 
 impl Model {
-    fn new(db: &pg::TestDb, seed: u64) -> Self {
+    fn new(db: &pg::TestDb, seed: u64, config: Config) -> Self {
         let mut observer = db.conn();
         let subs = vec![
             Sub {
@@ -248,7 +293,10 @@ impl Model {
         }
         let workers = [
             (0, filter(true, &[], &[])),
-            (0, filter(false, &["order.created", "order.paid"], &[])),
+            match config.partial_routing {
+                true => (0, filter(false, &["order.created", "order.paid"], &[])),
+                false => (0, filter(true, &[], &[])),
+            },
             (1, subs[1].topics.clone()),
             (1, subs[1].topics.clone()),
             (2, subs[2].topics.clone()),
@@ -265,6 +313,7 @@ impl Model {
         .collect();
         Model {
             rng: StdRng::seed_from_u64(seed),
+            config,
             observer,
             ledgers: subs.iter().map(|_| Ledger::default()).collect(),
             subs,
@@ -305,7 +354,10 @@ impl Model {
         for _ in 0..self.rng.random_range(1..=3) {
             let topic = *TOPICS.choose(&mut self.rng).unwrap();
             let key = *KEYS.choose(&mut self.rng).unwrap();
-            let delay = if self.rng.random_bool(0.15) { 3600 } else { 0 };
+            let delay = match self.rng.random_bool(0.15) && self.config.delayed {
+                true => 3600,
+                false => 0,
+            };
             let id = publish(&mut self.publishers[conn].conn, topic, key, delay);
             self.events.insert(id, Event { topic, key, tx });
             ids.push(format!(
@@ -494,8 +546,12 @@ impl Model {
                 Verdict::Release
             } else {
                 let verdict = self.random_verdict();
-                if let Verdict::Delivered = verdict {
-                    self.sink(s, id)?;
+                match verdict {
+                    Verdict::Delivered => self.sink(s, id)?,
+                    Verdict::Dead { .. } => {
+                        self.ledgers[s].refused.insert(id);
+                    }
+                    _ => {}
                 }
                 if matches!(verdict, Verdict::Retry { .. } | Verdict::Release) {
                     if let Some(k) = key {
@@ -605,7 +661,7 @@ impl Model {
                 {
                     continue;
                 }
-                if !(ledger.sunk.contains_key(&other) || ledger.dead.contains(&other)) {
+                if !(ledger.sunk.contains_key(&other) || ledger.refused.contains(&other)) {
                     let (ta, tb) = (&self.txs[event.tx], &self.txs[self.events[&id].tx]);
                     let state = describe_key(&mut self.observer, sub.name, key);
                     return Err(format!(
@@ -693,11 +749,27 @@ impl Model {
             let name = self.subs[s].name;
             let ledger = &self.ledgers[s];
             let pending: Vec<Pending> = diesel::sql_query(
-                "SELECT id, in_flight FROM outbox.pending WHERE subscription = $1 ORDER BY id",
+                "SELECT id, state, in_flight FROM outbox.pending WHERE subscription = $1 ORDER BY id",
             )
             .bind::<Text, _>(name)
             .load(&mut self.observer)
             .expect("reading outbox.pending");
+            // `outbox.pending` also lists, as unread, rows that a batch
+            // still unsettled parked and that were settled since from
+            // outbox.deliveries (its cursor has not moved past them yet):
+            // a view that over-reports, the other face of the takeover bug
+            // (relay_race_tests::rows_parked_by_a_dead_batch_and_settled_…).
+            // Those are set aside; everything else must match exactly.
+            let (ghosts, pending): (Vec<Pending>, Vec<Pending>) = pending
+                .into_iter()
+                .partition(|p| ledger.settled.contains_key(&p.id));
+            if let Some(ghost) = ghosts.iter().find(|g| g.state != "unread") {
+                return Err(format!(
+                    "pending: {name} lists {} ({}), settled already",
+                    ghost.id, ghost.state
+                ));
+            }
+            self.stats.pending_ghosts += ghosts.len();
             let owed: Vec<i64> = pending.iter().map(|p| p.id).collect();
             let expected: Vec<i64> = self
                 .events
@@ -860,6 +932,8 @@ fn short(verdict: &Verdict) -> &'static str {
 struct Pending {
     #[diesel(sql_type = BigInt)]
     id: i64,
+    #[diesel(sql_type = Text)]
+    state: String,
     #[diesel(sql_type = Bool)]
     in_flight: bool,
 }
