@@ -1,11 +1,14 @@
-//! Soak: 16 publishers at a fixed total rate and one relay process (the
-//! real `outbox relay` binary, stdout sink) for a while, sampling the queue
-//! every second.
+//! Soak: 16 publishers at a fixed total rate and three subscriptions, each
+//! served by one relay process (the real `outbox relay` binary, stdout
+//! sink), for a while, sampling every second.
 //!
-//! Asserts that the backlog stays bounded (no growth trend), that
-//! `outbox.events` (table, indexes and TOAST) stays within a size scaled to
-//! the rate (a few seconds' worth of rows), and that every published event
-//! was delivered, exactly once since nothing fails.
+//! Asserts that what is owed stays bounded (no growth trend), that the
+//! outbox's tables (the log's segments, `outbox.deliveries`,
+//! `outbox.cursors`: tables, indexes and TOAST) stay within a fixed size
+//! (the log keeps a few segments of 2^14 transactions until every
+//! subscription has passed them, then truncates them whole), and that
+//! every published event was delivered to every subscription, exactly once
+//! since nothing fails.
 //!
 //! The publishers run at a rate the relay sustains even as a debug build on
 //! two busy cores: this checks that a relay which keeps up also keeps the
@@ -35,13 +38,20 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
 const PUBLISHERS: usize = 16;
-/// The table's size bound: a fixed allowance for an empty table, its
-/// indexes and the free space vacuum leaves behind, plus room for this many
-/// seconds of publishing at this many bytes per event (row, index entries,
-/// dead tuples awaiting vacuum).
-const FIXED_BYTES: f64 = 1024.0 * 1024.0;
-const SECONDS_OF_ROWS: f64 = 2.0;
+const SUBSCRIPTIONS: [&str; 3] = ["alpha", "beta", "gamma"];
+/// The tables' size bound: a fixed allowance for the empty tables, their
+/// indexes and the free space vacuum leaves behind, plus room for the rows
+/// the log may hold at this many bytes per event (row, index entry).
+const FIXED_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
 const BYTES_PER_EVENT: f64 = 512.0;
+/// Transactions per segment of the log (migration 000005).
+const SEGMENT_XIDS: f64 = 16_384.0;
+/// The log holds the segment being written, the one before (until every
+/// cursor and running transaction has left it) and what the housekeeper's
+/// reclaim interval (5 s) and the relays' lag add: at one event per
+/// transaction, at most three segments and ten seconds of events.
+const SEGMENTS_HELD: f64 = 3.0;
+const SECONDS_HELD: f64 = 10.0;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -65,26 +75,39 @@ impl Drop for RelayProcess {
 
 #[derive(QueryableByName)]
 struct Sample {
+    /// (subscription, event) pairs still owed.
     #[diesel(sql_type = BigInt)]
     backlog: i64,
+    /// Rows of the log.
+    #[diesel(sql_type = BigInt)]
+    log_rows: i64,
+    /// Every outbox table with its indexes and TOAST.
     #[diesel(sql_type = BigInt)]
     bytes: i64,
+    /// The log's heap alone.
     #[diesel(sql_type = BigInt)]
     heap_bytes: i64,
 }
 
 fn sample(conn: &mut PgConnection) -> Sample {
     diesel::sql_query(
-        "SELECT (SELECT count(*) FROM outbox.events) AS backlog,
-                pg_total_relation_size('outbox.events') AS bytes,
-                pg_relation_size('outbox.events') AS heap_bytes",
+        "WITH tables AS (
+             SELECT inhrelid AS t FROM pg_inherits WHERE inhparent = 'outbox.events'::regclass
+             UNION ALL SELECT 'outbox.deliveries'::regclass
+             UNION ALL SELECT 'outbox.cursors'::regclass
+         )
+         SELECT (SELECT count(*) FROM outbox.pending) AS backlog,
+                (SELECT count(*) FROM outbox.events) AS log_rows,
+                (SELECT sum(pg_total_relation_size(t))::bigint FROM tables) AS bytes,
+                (SELECT sum(pg_relation_size(inhrelid))::bigint FROM pg_inherits
+                  WHERE inhparent = 'outbox.events'::regclass) AS heap_bytes",
     )
     .get_result(conn)
     .unwrap()
 }
 
 #[test]
-fn sixteen_publishers_and_one_relay_keep_the_queue_small_and_lose_nothing() {
+fn sixteen_publishers_and_three_subscriptions_keep_the_tables_small_and_lose_nothing() {
     let seconds = env_number("OUTBOX_SOAK_SECS", 20);
     let target_rate = env_number("OUTBOX_SOAK_RATE", 1_000) as f64;
     // Each publisher commits one event per tick, on a fixed schedule (a late
@@ -96,30 +119,44 @@ fn sixteen_publishers_and_one_relay_keep_the_queue_small_and_lose_nothing() {
         .execute(&mut conn)
         .unwrap();
 
-    let mut relay = RelayProcess(
-        Command::new(env!("CARGO_BIN_EXE_outbox"))
-            .args(["relay", "--sink", "stdout"])
-            .env("DATABASE_URL", db.url())
-            .env(
-                "RUST_LOG",
-                std::env::var("OUTBOX_SOAK_LOG").unwrap_or("warn".into()),
+    for name in SUBSCRIPTIONS {
+        outbox::register_subscription(&mut conn, name, &["*"]).unwrap();
+    }
+    outbox::remove_subscription(&mut conn, outbox::DEFAULT_SUBSCRIPTION).unwrap();
+    let mut relays: Vec<RelayProcess> = SUBSCRIPTIONS
+        .iter()
+        .map(|name| {
+            RelayProcess(
+                Command::new(env!("CARGO_BIN_EXE_outbox"))
+                    .args(["relay", "--sink", "stdout", "--subscription", name])
+                    .env("DATABASE_URL", db.url())
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("OUTBOX_SOAK_LOG").unwrap_or("warn".into()),
+                    )
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
             )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Every delivered id, as the relay prints it (one JSON object a line).
-    let stdout = relay.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut ids = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            ids.push(event["id"].as_i64().unwrap());
-        }
-        ids
-    });
+        })
+        .collect();
+    // Every delivered id, as each relay prints it (one JSON object a line).
+    let readers: Vec<_> = relays
+        .iter_mut()
+        .map(|relay| {
+            let stdout = relay.0.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for line in BufReader::new(stdout).lines() {
+                    let line = line.unwrap();
+                    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    ids.push(event["id"].as_i64().unwrap());
+                }
+                ids
+            })
+        })
+        .collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
@@ -172,36 +209,41 @@ fn sixteen_publishers_and_one_relay_keep_the_queue_small_and_lose_nothing() {
     }
     let publishing = started.elapsed();
 
-    // The relay drains what is left, then is stopped (SIGTERM: graceful).
+    // The relays drain what is left, then are stopped (SIGTERM: graceful).
     let deadline = Instant::now() + Duration::from_secs(60);
     while sample(&mut conn).backlog > 0 {
         assert!(
             Instant::now() < deadline,
-            "the relay did not drain the rest"
+            "the relays did not drain the rest"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    unsafe_free_sigterm(relay.0.id());
-    let status = relay.0.wait().unwrap();
-    assert!(status.success(), "relay exited with {status}");
-    let delivered = reader.join().unwrap();
+    let mut delivered = Vec::new();
+    for (relay, reader) in relays.iter_mut().zip(readers) {
+        unsafe_free_sigterm(relay.0.id());
+        let status = relay.0.wait().unwrap();
+        assert!(status.success(), "relay exited with {status}");
+        delivered.push(reader.join().unwrap());
+    }
 
     let rate = all_published.len() as f64 / publishing.as_secs_f64();
-    let max_table_bytes = (FIXED_BYTES + SECONDS_OF_ROWS * target_rate * BYTES_PER_EVENT) as i64;
+    let max_log_rows = SEGMENTS_HELD * SEGMENT_XIDS + SECONDS_HELD * target_rate;
+    let max_table_bytes = (FIXED_BYTES + max_log_rows * BYTES_PER_EVENT) as i64;
     let backlogs: Vec<i64> = samples.iter().map(|s| s.backlog).collect();
     let largest = samples.iter().map(|s| s.bytes).max().unwrap();
     let half = backlogs.len() / 2;
     let first_half = *backlogs[..half].iter().max().unwrap();
     let second_half = *backlogs[half..].iter().max().unwrap();
     println!(
-        "soak: {} s, {} events published ({rate:.0}/s) by {PUBLISHERS} publishers, {} delivered; \
-         backlog max {first_half} (first half) / {second_half} (second half); \
-         outbox.events at most {:.1} MB; backlog per second: {backlogs:?}; \
-         MB per second (heap/total): {:?}",
+        "soak: {} s, {} events published ({rate:.0}/s) by {PUBLISHERS} publishers, delivered \
+         {:?} to {SUBSCRIPTIONS:?}; owed max {first_half} (first half) / {second_half} (second \
+         half); tables at most {:.1} MB; owed per second: {backlogs:?}; log rows per second: \
+         {:?}; MB per second (log heap/all tables): {:?}",
         publishing.as_secs(),
         all_published.len(),
-        delivered.len(),
+        delivered.iter().map(Vec::len).collect::<Vec<_>>(),
         largest as f64 / 1e6,
+        samples.iter().map(|s| s.log_rows).collect::<Vec<_>>(),
         samples
             .iter()
             .map(|s| format!(
@@ -212,9 +254,16 @@ fn sixteen_publishers_and_one_relay_keep_the_queue_small_and_lose_nothing() {
             .collect::<Vec<_>>(),
     );
 
-    // Nothing lost, nothing twice: no delivery failed and nothing crashed.
-    assert_eq!(delivered.len(), all_published.len());
-    assert_eq!(delivered.into_iter().collect::<HashSet<_>>(), all_published);
+    // Nothing lost, nothing twice, for every subscription: no delivery
+    // failed and nothing crashed.
+    for (name, delivered) in SUBSCRIPTIONS.iter().zip(delivered) {
+        assert_eq!(delivered.len(), all_published.len(), "{name}");
+        assert_eq!(
+            delivered.into_iter().collect::<HashSet<_>>(),
+            all_published,
+            "{name}"
+        );
+    }
     // The load was the one asked for (else the bounds below prove little).
     assert!(
         rate >= 0.9 * target_rate,
@@ -222,18 +271,18 @@ fn sixteen_publishers_and_one_relay_keep_the_queue_small_and_lose_nothing() {
     );
     assert!(
         largest <= max_table_bytes,
-        "outbox.events grew to {largest} bytes, above {max_table_bytes} for {target_rate} events/s"
+        "the outbox tables grew to {largest} bytes, above {max_table_bytes} for {target_rate} events/s"
     );
-    // Bounded: the second half never needs much more room than the first
-    // (a relay falling behind grows the backlog without bound), and the
-    // backlog never exceeds two seconds of publishing.
+    // Bounded: the second half never owes much more than the first (a
+    // relay falling behind grows the backlog without bound), and what is
+    // owed never exceeds two seconds of publishing per subscription.
     assert!(
         second_half <= first_half * 3 / 2 + 500,
         "backlog grew: {backlogs:?}"
     );
     assert!(
-        (*backlogs.iter().max().unwrap() as f64) < 2.0 * rate,
-        "backlog above two seconds of publishing: {backlogs:?}"
+        (*backlogs.iter().max().unwrap() as f64) < 2.0 * rate * SUBSCRIPTIONS.len() as f64,
+        "owed above two seconds of publishing: {backlogs:?}"
     );
 }
 

@@ -463,10 +463,21 @@ BEGIN
         SELECT e.*, i.verdict, i.delay_us, i.error,
                row_number() OVER (PARTITION BY e.key ORDER BY e.tx, e.id) AS nth
           FROM item i
-          JOIN outbox.events e ON e.lane = p_lane AND e.tx = i.tx AND e.id = i.id
+          -- One probe of one segment's events_lane_tx_idx per row: the
+          -- segment named (so pruned at run time) and LIMIT 1 (so not
+          -- flattened into a join the planner makes a hash of the whole
+          -- lane: O(log) per call behind a long backlog).
+         CROSS JOIN LATERAL (
+               SELECT x.* FROM outbox.events x
+                WHERE ((x.tx::text::bigint >> 14) & 7) = ((i.tx::text::bigint >> 14) & 7)
+                  AND x.lane = p_lane AND x.tx = i.tx AND x.id = i.id
+                LIMIT 1) e
     ), queued_keys AS (
+        -- In key order, as every settle locks its rows: two transactions
+        -- locking heads of the same keys wait for each other in one order,
+        -- never in a cycle.
         SELECT k.key
-          FROM (SELECT DISTINCT r.key FROM rows r WHERE r.key IS NOT NULL) k
+          FROM (SELECT DISTINCT r.key FROM rows r WHERE r.key IS NOT NULL ORDER BY r.key) k
          CROSS JOIN LATERAL (
                SELECT 1 FROM outbox.deliveries d
                 WHERE d.subscription = p_subscription AND d.key = k.key
@@ -631,13 +642,24 @@ BEGIN
                                 tx, lane, ord)
                      WHERE sub.all_topics OR w.topic = ANY (sub.exact_topics)
                         OR w.topic LIKE ANY (sub.like_topics)
+                ), waiting_keys AS (
+                    -- The batch's keys with rows in outbox.deliveries: one
+                    -- probe of deliveries_key_idx per key. (An EXISTS per
+                    -- row is planned as a hash of every keyed row of the
+                    -- subscription: a claim behind a backlog of 20,000
+                    -- parked events read 20,000 rows, twice.)
+                    SELECT k.key
+                      FROM (SELECT DISTINCT m.key FROM mine m WHERE m.key IS NOT NULL) k
+                     CROSS JOIN LATERAL (
+                           SELECT 1 FROM outbox.deliveries d
+                            WHERE d.subscription = p_subscription AND d.key = k.key
+                            LIMIT 1) found
                 ), judged AS (
                     SELECT m.ord, m.tx, m.id, m.key,
                            m.available_at > now()
                            OR NOT (p_all OR m.topic = ANY (p_exact) OR m.topic LIKE ANY (p_like))
-                           OR (m.key IS NOT NULL AND EXISTS (
-                                   SELECT FROM outbox.deliveries d
-                                    WHERE d.subscription = p_subscription AND d.key = m.key))
+                           OR (m.key IS NOT NULL
+                               AND m.key IN (SELECT w.key FROM waiting_keys w))
                                AS waits
                       FROM mine m
                 ), placed AS (
@@ -771,6 +793,57 @@ $$;
 COMMENT ON FUNCTION outbox.wake_next_of_keys(text, text[]) IS
     'Makes the new head of each key due when it was waiting behind the one just settled.';
 
+-- Takes a settle's row locks in one order, by key: its own rows of
+-- outbox.deliveries FOR UPDATE (it deletes or reschedules them) and the
+-- heads of the keys it will park rows behind FOR KEY SHARE (see
+-- outbox.queue_rows). Every claim and settle locks heads in key order, so
+-- two of them wait for each other in one order, never in a cycle (they
+-- did: a settle locking its own head of key a after a head of key b,
+-- another one the other way round).
+CREATE FUNCTION outbox.lock_in_key_order(p_subscription text, p_token bigint, own bigint[],
+                                         park_keys text[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    k text;
+BEGIN
+    IF cardinality(park_keys) = 0 THEN
+        PERFORM FROM outbox.deliveries d
+          WHERE d.subscription = p_subscription AND d.seq = ANY (own) AND d.token = p_token
+          ORDER BY d.key, d.tx, d.id
+            FOR UPDATE;
+        RETURN;
+    END IF;
+    FOR k IN SELECT u.key
+               FROM (SELECT d.key FROM outbox.deliveries d
+                      WHERE d.subscription = p_subscription AND d.seq = ANY (own)
+                        AND d.token = p_token AND d.key IS NOT NULL
+                     UNION
+                     SELECT unnest(park_keys)) u
+              ORDER BY u.key
+    LOOP
+        PERFORM FROM outbox.deliveries d
+          WHERE d.subscription = p_subscription AND d.key = k
+            AND d.seq = ANY (own) AND d.token = p_token
+            FOR UPDATE;
+        IF k = ANY (park_keys) THEN
+            PERFORM FROM (SELECT 1 FROM outbox.deliveries d
+                           WHERE d.subscription = p_subscription AND d.key = k
+                           ORDER BY d.tx, d.id
+                           LIMIT 1
+                             FOR KEY SHARE) head;
+        END IF;
+    END LOOP;
+    PERFORM FROM outbox.deliveries d
+      WHERE d.subscription = p_subscription AND d.seq = ANY (own) AND d.token = p_token
+        AND d.key IS NULL
+        FOR UPDATE;
+END
+$$;
+COMMENT ON FUNCTION outbox.lock_in_key_order(text, bigint, bigint[], text[]) IS
+    'Takes a settle''s row locks in key order (own rows FOR UPDATE, heads to park behind FOR KEY SHARE), so settles and claims never deadlock.';
+
 -- The settle of one claimed batch, in one transaction. Each item is a log
 -- row (seq NULL; tx, id) or a deliveries row (seq), with its verdict:
 -- delivered, retry (delay, error), dead (error), release (put back
@@ -801,6 +874,7 @@ DECLARE
     q_verdict text[];
     q_delay bigint[];
     q_error text[];
+    locked boolean := false;
 BEGIN
     -- The common case: a batch of the log with nothing to park, all
     -- delivered.
@@ -852,6 +926,13 @@ BEGIN
                    coalesce(array_agg(q.error), '{}')
               INTO q_tx, q_id, q_verdict, q_delay, q_error
               FROM queued q;
+            PERFORM outbox.lock_in_key_order(
+                p_subscription, p_token, seqs,
+                ARRAY(SELECT DISTINCT e.key
+                        FROM unnest(q_tx, q_id) AS q(tx, id)
+                        JOIN outbox.events e ON e.lane = p_lane AND e.tx = q.tx AND e.id = q.id
+                       WHERE e.key IS NOT NULL));
+            locked := true;
             PERFORM outbox.queue_rows(p_subscription, p_lane, q_tx, q_id, q_verdict, q_delay,
                                       q_error);
             INSERT INTO outbox.dead_letters
@@ -879,6 +960,12 @@ BEGIN
         END IF;
     END IF;
 
+    -- The batch's rows of outbox.deliveries, locked first in key order:
+    -- a claim or settle parking rows behind these heads locks them (FOR KEY
+    -- SHARE) in the same order, so the two never deadlock.
+    IF NOT locked THEN
+        PERFORM outbox.lock_in_key_order(p_subscription, p_token, seqs, '{}');
+    END IF;
     WITH item AS (
         SELECT x.seq, x.verdict, x.delay_us, x.error
           FROM unnest(seqs, verdicts, delays_us, errors) AS x(seq, verdict, delay_us, error)
