@@ -268,8 +268,9 @@ fn until_waiting_for_a_lock(observer: &mut PgConnection, pid: i32) {
 }
 
 /// A late commit is never skipped, for the default subscription and a
-/// named one: an event whose transaction is still open while a later one
-/// is claimed and settled comes in the next window once it commits.
+/// named one: an event whose transaction stays open while later ones are
+/// claimed and settled, over two windows, comes in the next window once it
+/// commits.
 fn late_commit_is_read_in_the_next_window(key: Option<&str>) {
     let db = pg::test_db();
     let (mut t1, mut relay) = (db.conn(), db.conn());
@@ -286,6 +287,14 @@ fn late_commit_is_read_in_the_next_window(key: Option<&str>) {
         let settled = settle_ids(&mut relay, sub, &batch, &batch.all(Verdict::Delivered));
         assert_eq!(settled, [b]);
         assert_eq!(claim_one(&mut relay, sub, "r").ids(), Vec::<i64>::new());
+    }
+    // Another window opens and closes while T1 is still open.
+    let c = publish(&mut relay, "t", key, 0);
+    for sub in subs {
+        let batch = claim_one(&mut relay, sub, "r");
+        assert_eq!(batch.ids(), [c], "{sub}: T1 is still open");
+        let settled = settle_ids(&mut relay, sub, &batch, &batch.all(Verdict::Delivered));
+        assert_eq!(settled, [c]);
     }
     execute(&mut t1, "COMMIT");
     for sub in subs {
@@ -485,6 +494,55 @@ fn a_settle_after_the_lease_was_taken_over_settles_nothing() {
         settle_ids(&mut a, DEFAULT, &by_a, &by_a.all(Verdict::Delivered)),
         Vec::<i64>::new()
     );
+}
+
+/// Deliveries rows are fenced one by one: of A's two rows, only the one
+/// relay B took over after A's lease ran out is lost to A.
+#[test]
+fn a_settle_settles_the_deliveries_rows_it_still_holds_and_only_those() {
+    let db = pg::test_db();
+    let (mut a, mut b, mut observer) = (db.conn(), db.conn(), db.conn());
+    let d1 = publish(&mut observer, "t", Some("d1"), 0);
+    let d2 = publish(&mut observer, "t", Some("d2"), 0);
+    for _ in 0..2 {
+        let first = claim_one(&mut observer, DEFAULT, "x");
+        settle_ids(
+            &mut observer,
+            DEFAULT,
+            &first,
+            &first.all(retry(Duration::ZERO)),
+        );
+    }
+    assert_eq!(
+        parked(&mut observer, DEFAULT)
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect::<Vec<_>>(),
+        [d1, d2]
+    );
+    let by_a = claim_one(&mut a, DEFAULT, "a");
+    assert_eq!(by_a.ids(), [d1, d2]);
+    assert_eq!(by_a.lane, None);
+    diesel::sql_query(
+        "UPDATE outbox.deliveries SET available_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind::<BigInt, _>(d1)
+    .execute(&mut observer)
+    .unwrap();
+    let by_b = claim_one(&mut b, DEFAULT, "b");
+    assert_eq!(by_b.ids(), [d1]);
+
+    let dead = Verdict::Dead {
+        error: "a: refused".into(),
+    };
+    assert_eq!(settle_ids(&mut a, DEFAULT, &by_a, &by_a.all(dead)), [d2]);
+    assert_eq!(dead_letters(&mut observer), [d2]);
+    assert_eq!(parked(&mut observer, DEFAULT), [p(d1, "retry", "later")]);
+    assert_eq!(
+        settle_ids(&mut b, DEFAULT, &by_b, &by_b.all(Verdict::Delivered)),
+        [d1]
+    );
+    assert_eq!(parked(&mut observer, DEFAULT), []);
 }
 
 fn dead_letters(conn: &mut PgConnection) -> Vec<i64> {
