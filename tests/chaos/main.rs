@@ -21,7 +21,7 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `OUTBOX_CHAOS_KEYS` | 200 | ordering keys |
-//! | `OUTBOX_CHAOS_EVENTS` | 20000 | events (rounded down to a multiple of the keys) |
+//! | `OUTBOX_CHAOS_EVENTS` | 6000 | events (rounded down to a multiple of the keys), each delivered to three subscriptions |
 //! | `OUTBOX_CHAOS_POISON` | 50 | poison events, refused with 422 on every attempt |
 //! | `OUTBOX_CHAOS_FAIL_PERCENT` | 20 | share of other attempts answered 503 |
 //! | `OUTBOX_CHAOS_SPREAD_SECS` | 25 | publishing is spread over about this long |

@@ -37,7 +37,7 @@ fn chaos_loses_nothing() {
     let plan = Plan {
         threads: 4,
         keys,
-        per_key: (knob::<u64>("OUTBOX_CHAOS_EVENTS", 20_000) / keys as u64) as u32,
+        per_key: (knob::<u64>("OUTBOX_CHAOS_EVENTS", 6_000) / keys as u64) as u32,
         poison_stride: 0,
         spread: Duration::from_secs(knob("OUTBOX_CHAOS_SPREAD_SECS", 25)),
     };
