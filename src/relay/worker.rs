@@ -2,7 +2,6 @@
 //! batch, deliver it through the sinks, and settle it in one round trip.
 //! Repeat while batches come back full.
 
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +10,7 @@ use diesel::PgConnection;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::deliver;
 use super::wakeup::{Idleness, LINGER};
 use super::Shared;
 use crate::backoff::Backoff;
@@ -253,9 +253,11 @@ impl Worker {
         // The database's lease began at the claim's now(): count from when
         // the claim was sent, never later.
         let mut lease = LeaseKeeper::new(config.lease, sent);
-        for (index, event) in events[..deliverable].iter().enumerate() {
+        // One sink call per run of events routed to the same sink (one
+        // event per call unless the sink takes batches).
+        for call in deliver::calls(&shared.routes, &events[..deliverable]) {
             if self.stopping() {
-                let rest = index..deliverable;
+                let rest = call.events.start..deliverable;
                 outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
                 break;
             }
@@ -266,14 +268,17 @@ impl Worker {
                     None => lease.renewal_failed(),
                 }
             }
-            if !lease.holds(event.id) {
-                // Another relay took it over: delivering would only duplicate.
-                outcomes.push(Outcome::release(event, index));
-                continue;
-            }
             let started = Instant::now();
-            outcomes.push(self.deliver(event, index, rng));
+            // Events no longer held (another relay took them over:
+            // delivering would only duplicate) come back as `None`.
+            let results = call.deliver(&events, |id| lease.holds(id));
             lease.observe_call(started.elapsed());
+            for (index, result) in results {
+                outcomes.push(match result {
+                    Some(result) => self.judge(&events[index], index, result, rng),
+                    None => Outcome::release(&events[index], index),
+                });
+            }
         }
         // A delivered or dead keyed event may unblock the next of its key:
         // look again at once instead of waiting for the poll.
@@ -291,20 +296,16 @@ impl Worker {
         })
     }
 
-    /// Delivers `event` (the batch's `index`th) and decides its verdict.
-    fn deliver(&self, event: &StoredEvent, index: usize, rng: &mut StdRng) -> Outcome {
+    /// Decides the verdict on `event` (the batch's `index`th) from its
+    /// delivery's `result`.
+    fn judge(
+        &self,
+        event: &StoredEvent,
+        index: usize,
+        result: Result<(), DeliveryError>,
+        rng: &mut StdRng,
+    ) -> Outcome {
         let shared = &*self.shared;
-        let Some(sink) = shared.routes.sink_for(&event.topic) else {
-            // Claims only take routed topics; never deliver what we cannot.
-            return Outcome::release(event, index);
-        };
-        let result =
-            panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(event))).unwrap_or_else(|panic| {
-                Err(DeliveryError::transient(format!(
-                    "sink panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
         let error = match result {
             Ok(()) => {
                 return Outcome {
@@ -522,16 +523,6 @@ impl Outcome {
             verdict: Verdict::Release,
             error: None,
         }
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
     }
 }
 
