@@ -1,13 +1,17 @@
-//! Relay throughput into each sink's target, beside a plain client
-//! publishing the same messages the same way (one at a time, waiting for
-//! each acknowledgement) in the same run.
+//! Relay throughput into each sink's target, beside the target's own
+//! client sending the same messages (`support/plain.rs`) in the same run:
+//! one at a time, waiting for each acknowledgement (`plain_client`), and for
+//! the brokers also pipelined a batch at a time (`plain_pipelined`).
 //!
 //! `DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench --bench sinks --all-features`
 //! (Redis, RabbitMQ and NATS JetStream on their default local ports)
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
+#[path = "support/plain.rs"]
+mod plain;
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,13 +42,17 @@ fn payload(n: usize) -> serde_json::Value {
     serde_json::json!({ "order_id": n, "email": format!("customer{n}@example.com") })
 }
 
-/// Benchmarks `plain` (a plain client publishing EVENTS messages) and the
-/// relay draining EVENTS events into `sink` with 1 and 4 workers.
+/// A baseline: its benchmark id and what it does with EVENTS messages.
+type Baseline<'a> = (&'static str, Box<dyn FnMut(&[serde_json::Value]) + 'a>);
+
+/// Benchmarks each baseline (a plain client sending EVENTS messages) and
+/// the relay draining EVENTS events into `sink` (batch 100) with 1 and 4
+/// workers.
 fn compare(
     c: &mut Criterion,
     name: &str,
     sink: Arc<dyn outbox::Sink>,
-    mut plain: impl FnMut(&[serde_json::Value]),
+    baselines: Vec<Baseline<'_>>,
 ) {
     let db = pg::test_db();
     let pool = Pool::builder()
@@ -57,15 +65,17 @@ fn compare(
     group.sample_size(10);
     group.throughput(Throughput::Elements(EVENTS as u64));
     let messages: Vec<serde_json::Value> = (0..EVENTS).map(payload).collect();
-    group.bench_function("plain_client", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                plain(&messages);
-            }
-            start.elapsed()
-        })
-    });
+    for (id, mut plain) in baselines {
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    plain(&messages);
+                }
+                start.elapsed()
+            })
+        });
+    }
     for workers in [1usize, 4] {
         group.bench_function(BenchmarkId::new("relay", workers), |b| {
             b.iter_custom(|iters| {
@@ -84,6 +94,7 @@ fn compare(
                     let start = Instant::now();
                     let relay = outbox::Relay::builder(pool.clone())
                         .workers(workers)
+                        .batch_size(plain::PIPELINE as u32)
                         .route("*", sink.clone())
                         .observer(watch.clone())
                         .start()
@@ -99,7 +110,10 @@ fn compare(
     group.finish();
 }
 
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 fn webhook(c: &mut Criterion) {
+    use base64::Engine;
     let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
     let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
     for _ in 0..4 {
@@ -111,21 +125,22 @@ fn webhook(c: &mut Criterion) {
         });
     }
     let sink = outbox::WebhookSink::builder(&url)
-        .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .secret(WEBHOOK_SECRET)
         .build()
         .unwrap();
-    let agent = ureq::Agent::new_with_defaults();
-    compare(c, "webhook", Arc::new(sink), |messages| {
-        for (n, data) in messages.iter().enumerate() {
-            let body = serde_json::json!({ "type": "order.approved", "timestamp": "2026-11-28T00:00:00Z", "data": data });
-            agent
-                .post(&url)
-                .header("webhook-id", n.to_string())
-                .header("content-type", "application/json")
-                .send(serde_json::to_vec(&body).unwrap().as_slice())
-                .unwrap();
-        }
-    });
+    let plain = plain::Webhook {
+        agent: ureq::Agent::new_with_defaults(),
+        url: url.clone(),
+        key: base64::engine::general_purpose::STANDARD
+            .decode(WEBHOOK_SECRET.trim_start_matches("whsec_"))
+            .unwrap(),
+    };
+    compare(
+        c,
+        "webhook",
+        Arc::new(sink),
+        vec![("plain_client", Box::new(|m: &[_]| plain.sequential(m)))],
+    );
     server.unblock();
 }
 
@@ -135,26 +150,29 @@ fn redis(c: &mut Criterion) {
         .stream("outbox-bench:relay")
         .build()
         .unwrap();
-    let mut plain = redis::Client::open(url).unwrap().get_connection().unwrap();
-    compare(c, "redis", Arc::new(sink), |messages| {
-        for (n, data) in messages.iter().enumerate() {
-            redis::cmd("XADD")
-                .arg("outbox-bench:plain")
-                .arg("*")
-                .arg("id")
-                .arg(n)
-                .arg("topic")
-                .arg("order.approved")
-                .arg("payload")
-                .arg(data.to_string())
-                .query::<String>(&mut plain)
-                .unwrap();
-        }
+    let plain = RefCell::new(plain::Redis {
+        conn: redis::Client::open(url).unwrap().get_connection().unwrap(),
+        stream: "outbox-bench:plain",
     });
+    compare(
+        c,
+        "redis",
+        Arc::new(sink),
+        vec![
+            (
+                "plain_client",
+                Box::new(|m: &[_]| plain.borrow_mut().sequential(m)),
+            ),
+            (
+                "plain_pipelined",
+                Box::new(|m: &[_]| plain.borrow_mut().pipelined(m)),
+            ),
+        ],
+    );
     redis::cmd("DEL")
         .arg("outbox-bench:plain")
         .arg("outbox-bench:relay")
-        .query::<()>(&mut plain)
+        .query::<()>(&mut plain.borrow_mut().conn)
         .unwrap();
 }
 
@@ -179,33 +197,37 @@ fn nats(c: &mut Criterion) {
     let sink = outbox::NatsSink::builder(url, "outboxbench")
         .build()
         .unwrap();
-    let mut next_id = 0usize;
-    compare(c, "nats", Arc::new(sink), |messages| {
-        runtime.block_on(async {
-            for data in messages {
-                next_id += 1;
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("plain-{next_id}").as_str());
-                context
-                    .publish_with_headers(
-                        "outboxbench.plain",
-                        headers,
-                        data.to_string().into_bytes().into(),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        })
+    let plain = RefCell::new(plain::Nats {
+        runtime,
+        context,
+        subject: "outboxbench.plain",
+        next_id: 0,
     });
-    let _ = runtime.block_on(context.delete_stream("OUTBOX_BENCH"));
+    compare(
+        c,
+        "nats",
+        Arc::new(sink),
+        vec![
+            (
+                "plain_client",
+                Box::new(|m: &[_]| plain.borrow_mut().sequential(m)),
+            ),
+            (
+                "plain_pipelined",
+                Box::new(|m: &[_]| plain.borrow_mut().pipelined(m)),
+            ),
+        ],
+    );
+    let plain = plain.into_inner();
+    let _ = plain
+        .runtime
+        .block_on(plain.context.delete_stream("OUTBOX_BENCH"));
 }
 
 fn amqp(c: &mut Criterion) {
     use lapin::options::{
-        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     };
     use lapin::types::FieldTable;
     let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -257,31 +279,25 @@ fn amqp(c: &mut Criterion) {
     let sink = outbox::AmqpSink::builder(url, "outbox-bench")
         .build()
         .unwrap();
-    compare(c, "amqp", Arc::new(sink), |messages| {
-        runtime.block_on(async {
-            for (n, data) in messages.iter().enumerate() {
-                channel
-                    .basic_publish(
-                        "outbox-bench".into(),
-                        "order.approved".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        data.to_string().as_bytes(),
-                        lapin::BasicProperties::default()
-                            .with_message_id(n.to_string().into())
-                            .with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        })
-    });
-    let _ = runtime
-        .block_on(channel.queue_delete("outbox-bench".into(), QueueDeleteOptions::default()));
+    let plain = plain::Amqp {
+        runtime,
+        channel,
+        exchange: "outbox-bench",
+    };
+    compare(
+        c,
+        "amqp",
+        Arc::new(sink),
+        vec![
+            ("plain_client", Box::new(|m: &[_]| plain.sequential(m))),
+            ("plain_pipelined", Box::new(|m: &[_]| plain.pipelined(m))),
+        ],
+    );
+    let _ = plain.runtime.block_on(
+        plain
+            .channel
+            .queue_delete("outbox-bench".into(), QueueDeleteOptions::default()),
+    );
 }
 
 criterion_group!(benches, webhook, redis, nats, amqp);

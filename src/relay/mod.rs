@@ -9,6 +9,7 @@
 //! one only while it works.
 
 mod builder;
+mod deliver;
 mod housekeeping;
 mod listener;
 mod pq;

@@ -2,7 +2,6 @@
 //! timer, then claim a batch, deliver it through the sinks, and settle it
 //! in one round trip. Repeat while there is more.
 
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +10,7 @@ use diesel::PgConnection;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::deliver;
 use super::subscription::Served;
 use super::wakeup::{Idleness, LINGER};
 use super::Shared;
@@ -291,10 +291,14 @@ impl Worker {
         };
         // Keys with an event that failed (or was put back) in this batch:
         // their later events wait behind it, unattempted.
-        let mut waiting_keys = std::collections::HashSet::new();
-        for (index, event) in events[..deliverable].iter().enumerate() {
+        let mut waiting_keys: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // One sink call per run of events routed to the same sink (one
+        // event per call unless the sink takes batches). A call never holds
+        // two events of one key, so that a failure holds back the later
+        // ones of its key.
+        for call in deliver::calls(&served.routes, &events[..deliverable]) {
             if self.stopping() {
-                let rest = index..deliverable;
+                let rest = call.events.start..deliverable;
                 outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
                 break;
             }
@@ -305,28 +309,33 @@ impl Worker {
                     None => lease.renewal_failed(),
                 }
             }
-            if event
-                .key
-                .as_ref()
-                .is_some_and(|key| waiting_keys.contains(key))
-            {
-                outcomes.push(Outcome::held(event, index));
-                continue;
-            }
-            if !lease.holds(event.id) {
-                // Another relay took it over: delivering would only duplicate.
-                outcomes.push(Outcome::release(event, index));
-                continue;
-            }
+            let held: std::collections::HashSet<EventId> = call
+                .events
+                .clone()
+                .map(|i| &events[i])
+                .filter(|e| e.key.as_ref().is_some_and(|k| waiting_keys.contains(k)))
+                .map(|e| e.id)
+                .collect();
             let started = Instant::now();
-            let outcome = self.deliver(event, index, rng);
+            // Events no longer held (another relay took them over:
+            // delivering would only duplicate) come back as `None`, and so
+            // do those waiting behind a failure of their key.
+            let results = call.deliver(&events, |id| lease.holds(id) && !held.contains(&id));
             lease.observe_call(started.elapsed());
-            if matches!(outcome.verdict, Verdict::Retry { .. } | Verdict::Release) {
-                if let Some(key) = &event.key {
-                    waiting_keys.insert(key.clone());
+            for (index, result) in results {
+                let event = &events[index];
+                let outcome = match result {
+                    _ if held.contains(&event.id) => Outcome::held(event, index),
+                    Some(result) => self.judge(event, index, result, rng),
+                    None => Outcome::release(event, index),
+                };
+                if matches!(outcome.verdict, Verdict::Retry { .. } | Verdict::Release) {
+                    if let Some(key) = &event.key {
+                        waiting_keys.insert(key.clone());
+                    }
                 }
+                outcomes.push(outcome);
             }
-            outcomes.push(outcome);
         }
         // A delivered or dead keyed event may unblock the next of its key:
         // look again at once instead of waiting for the poll.
@@ -344,20 +353,16 @@ impl Worker {
         })
     }
 
-    /// Delivers `event` (the batch's `index`th) and decides its verdict.
-    fn deliver(&self, event: &StoredEvent, index: usize, rng: &mut StdRng) -> Outcome {
+    /// Decides the verdict on `event` (the batch's `index`th) from its
+    /// delivery's `result`.
+    fn judge(
+        &self,
+        event: &StoredEvent,
+        index: usize,
+        result: Result<(), DeliveryError>,
+        rng: &mut StdRng,
+    ) -> Outcome {
         let shared = &*self.shared;
-        let Some(sink) = self.served().routes.sink_for(&event.topic) else {
-            // Claims only take routed topics; never deliver what we cannot.
-            return Outcome::release(event, index);
-        };
-        let result =
-            panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(event))).unwrap_or_else(|panic| {
-                Err(DeliveryError::transient(format!(
-                    "sink panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
         let error = match result {
             Ok(()) => {
                 return Outcome {
@@ -615,16 +620,6 @@ struct Batch<'a> {
     events: &'a [StoredEvent],
     /// Where each event lives, by index in `events`.
     places: &'a [Place],
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
 }
 
 /// An error with its causes, on one line, for logs.

@@ -18,6 +18,10 @@
 //! | the exchange does not exist (channel closed with 404) | transient: "exchange … not found" |
 //! | connection lost, timeout | transient; the sink reconnects on the next delivery |
 //!
+//! A batch from the relay is published at once on the sink's channel and
+//! its confirms awaited together (`Sink::deliver_batch`); each event still
+//! gets its own verdict.
+//!
 //! The client (`lapin`) is asynchronous; its tokio runtime (one thread)
 //! stays inside the sink, whose API is synchronous like every other sink.
 
@@ -26,7 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
 
 use super::{DeliveryError, Sink};
 use crate::error::{excerpt, Error};
@@ -80,7 +86,8 @@ impl std::fmt::Debug for AmqpBuilder {
 }
 
 impl AmqpSink {
-    /// Default limit on connecting and on waiting for each confirm.
+    /// Default limit on connecting and on waiting for the confirms of one
+    /// call (one event, or a batch).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Starts configuring a sink that publishes to `exchange` on the broker
@@ -103,8 +110,10 @@ impl AmqpBuilder {
         self
     }
 
-    /// Limits connecting and waiting for each confirm; keep it below the
-    /// relay's lease. Defaults to [`AmqpSink::DEFAULT_TIMEOUT`] (5 s).
+    /// Limits connecting, and waiting for the confirms of one call (one
+    /// event, or a whole batch: they are awaited together); keep it below
+    /// half the relay's lease. Defaults to [`AmqpSink::DEFAULT_TIMEOUT`]
+    /// (5 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -197,19 +206,32 @@ impl AmqpSink {
             .with_headers(headers)
     }
 
-    async fn publish(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
-        let routing_key = self.routing_key.as_deref().unwrap_or(&event.topic);
+    /// The routing key of `event`'s message.
+    fn routing_key<'a>(&'a self, event: &'a StoredEvent) -> &'a str {
+        self.routing_key.as_deref().unwrap_or(&event.topic)
+    }
+
+    /// Why `event` cannot be a message, checked before anything is sent.
+    fn check(event: &StoredEvent) -> Result<(), DeliveryError> {
         if event.headers.keys().any(|name| name.len() > 255) {
             return Err(DeliveryError::permanent(
                 "an event header name is longer than AMQP allows (255 bytes)",
             ));
         }
-        let channel = self.channel().await?;
+        Ok(())
+    }
+
+    /// Sends `event`'s message; returns the future of its confirm.
+    async fn send(
+        &self,
+        channel: &Channel,
+        event: &StoredEvent,
+    ) -> Result<PublisherConfirm, DeliveryError> {
         let body = event.payload.to_string();
-        let confirm = channel
+        channel
             .basic_publish(
                 self.exchange.as_str().into(),
-                routing_key.into(),
+                self.routing_key(event).into(),
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
@@ -218,9 +240,11 @@ impl AmqpSink {
                 Self::properties(event),
             )
             .await
-            .map_err(|e| self.failed(e))?
-            .await
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| self.failed(e))
+    }
+
+    /// The verdict on a message the broker answered.
+    fn verdict(&self, routing_key: &str, confirm: Confirmation) -> Result<(), DeliveryError> {
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(DeliveryError::transient(format!(
@@ -235,6 +259,13 @@ impl AmqpSink {
                 "RabbitMQ did not confirm the message",
             )),
         }
+    }
+
+    /// Forgets the connection when the timeout runs out (the broker may be
+    /// stuck) and says so.
+    fn timed_out(&self) -> DeliveryError {
+        self.lock().take();
+        DeliveryError::transient(format!("RabbitMQ: no confirm within {:?}", self.timeout))
     }
 
     /// Forgets the connection after an error (the channel is closed by the
@@ -256,17 +287,64 @@ impl AmqpSink {
 
 impl Sink for AmqpSink {
     fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self.deliver_batch(&[event])
+            .pop()
+            .unwrap_or_else(|| Err(DeliveryError::transient("RabbitMQ: no result")))
+    }
+
+    /// Publishes every message, then waits for their confirms, all within
+    /// one timeout; each event gets its own verdict.
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        let checked: Vec<_> = events.iter().map(|event| Self::check(event)).collect();
+        if checked.iter().all(Result::is_err) {
+            return checked;
+        }
         self.runtime.block_on(async {
-            match tokio::time::timeout(self.timeout, self.publish(event)).await {
-                Ok(result) => result,
-                Err(_) => {
-                    self.lock().take();
-                    Err(DeliveryError::transient(format!(
-                        "RabbitMQ: no confirm within {:?}",
-                        self.timeout
-                    )))
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(error)) => {
+                    return checked
+                        .into_iter()
+                        .map(|c| c.and(Err(error.clone())))
+                        .collect()
                 }
+                Err(_) => {
+                    let error = self.timed_out();
+                    return checked
+                        .into_iter()
+                        .map(|c| c.and(Err(error.clone())))
+                        .collect();
+                }
+            };
+            // Publish them all on the channel, in order...
+            let mut sent = Vec::with_capacity(events.len());
+            for (event, check) in events.iter().zip(checked) {
+                sent.push(match check {
+                    Err(error) => Err(error),
+                    Ok(()) => tokio::time::timeout_at(deadline, self.send(&channel, event))
+                        .await
+                        .unwrap_or_else(|_| Err(self.timed_out())),
+                });
             }
+            // ... then take every confirm, until the deadline.
+            let mut results = Vec::with_capacity(sent.len());
+            for (event, confirm) in events.iter().zip(sent) {
+                results.push(match confirm {
+                    Err(error) => Err(error),
+                    Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                        Ok(Ok(confirm)) => self.verdict(self.routing_key(event), confirm),
+                        Ok(Err(error)) => Err(self.failed(error)),
+                        Err(_) => Err(self.timed_out()),
+                    },
+                });
+            }
+            results
         })
+    }
+
+    /// The relay's whole batch: confirms are awaited together.
+    fn max_batch(&self) -> usize {
+        usize::MAX
     }
 }

@@ -46,9 +46,53 @@ pub use webhook::{WebhookBuilder, WebhookSink};
 /// - **A panic is a transient failure**: the relay catches it and retries.
 /// - **Per-key order is the relay's job**: a sink never sees an event while
 ///   an earlier event of the same key is undelivered.
+/// - **Batches are optional**: a sink whose target acknowledges
+///   asynchronously (a broker) can take several events in one call, send
+///   them all and wait for all the acknowledgements at once: override
+///   [`deliver_batch`](Sink::deliver_batch) and
+///   [`max_batch`](Sink::max_batch). Without them the relay calls
+///   [`deliver`](Sink::deliver) once per event.
 pub trait Sink: Send + Sync + 'static {
     /// Delivers one event.
     fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError>;
+
+    /// Delivers `events` and returns one result per event, in the same
+    /// order: each event keeps its own verdict.
+    ///
+    /// The relay calls it with up to [`max_batch`](Sink::max_batch) events
+    /// of one claimed batch that are routed to this sink, in delivery order
+    /// (oldest first). The default delivers them one by one through
+    /// [`deliver`](Sink::deliver). A sink that overrides it:
+    /// - **returns exactly one result per event**, in the order given (the
+    ///   relay counts a missing result as a transient failure of its
+    ///   event, and ignores extra ones);
+    /// - **reports an event `Ok(())` only once its target acknowledged it**,
+    ///   whatever happened to the others; an event it did not get to send,
+    ///   or whose acknowledgement did not come, is a failure (transient
+    ///   unless retrying cannot help), never a success;
+    /// - **may send the events concurrently or pipelined**: they never
+    ///   include two events of the same key (the relay splits its batch so
+    ///   that a key's next event waits for the verdict on the one before),
+    ///   so per-key order holds whatever order the target receives them in;
+    /// - **finishes the whole call within half the relay's lease**: the
+    ///   relay renews the lease between calls, not during one, so a sink
+    ///   sets [`max_batch`](Sink::max_batch) and its timeouts so that a
+    ///   whole batch fits;
+    /// - may panic like `deliver`: the relay catches it and every event of
+    ///   the call fails as transient.
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        events.iter().map(|event| self.deliver(event)).collect()
+    }
+
+    /// The most events the relay hands to one
+    /// [`deliver_batch`](Sink::deliver_batch) call (the relay's batch size
+    /// caps it too). Defaults to 1: one event per call, with the lease
+    /// renewed and shutdown checked between calls, which is right for a
+    /// sink that delivers one event at a time anyway. A sink that pipelines
+    /// returns more.
+    fn max_batch(&self) -> usize {
+        1
+    }
 }
 
 impl<F> Sink for F
@@ -80,6 +124,14 @@ fn private_runtime(client: &'static str) -> Result<tokio::runtime::Runtime, crat
 impl<S: Sink + ?Sized> Sink for std::sync::Arc<S> {
     fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
         (**self).deliver(event)
+    }
+
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        (**self).deliver_batch(events)
+    }
+
+    fn max_batch(&self) -> usize {
+        (**self).max_batch()
     }
 }
 

@@ -12,13 +12,16 @@
 //! lets the retries through, and the relay dead-letters the event after its
 //! last attempt otherwise.
 //!
+//! A batch from the relay is published at once and its PubAcks awaited
+//! together (`Sink::deliver_batch`); each event still gets its own verdict.
+//!
 //! The client (`async-nats`) is asynchronous; its tokio runtime (one thread)
 //! stays inside the sink, whose API is synchronous like every other sink.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{DeliveryError, Sink};
@@ -70,7 +73,8 @@ impl std::fmt::Debug for NatsBuilder {
 }
 
 impl NatsSink {
-    /// Default limit on connecting and on waiting for each PubAck.
+    /// Default limit on connecting and on waiting for the PubAcks of one
+    /// call (one event, or a batch).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Starts configuring a sink for the NATS server at `url`, publishing
@@ -85,8 +89,10 @@ impl NatsSink {
 }
 
 impl NatsBuilder {
-    /// Limits connecting and waiting for each PubAck; keep it below the
-    /// relay's lease. Defaults to [`NatsSink::DEFAULT_TIMEOUT`] (5 s).
+    /// Limits connecting, and waiting for the PubAcks of one call (one
+    /// event, or a whole batch: they are awaited together); keep it below
+    /// half the relay's lease. Defaults to [`NatsSink::DEFAULT_TIMEOUT`]
+    /// (5 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -178,8 +184,10 @@ impl NatsSink {
     }
 }
 
-impl Sink for NatsSink {
-    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+impl NatsSink {
+    /// The subject, headers and body of `event`'s message, or why it cannot
+    /// be one (checked before anything is sent).
+    fn message(&self, event: &StoredEvent) -> Result<(String, HeaderMap, Vec<u8>), DeliveryError> {
         let subject = format!("{}.{}", self.prefix, event.topic);
         if !valid_subject(&subject) {
             return Err(DeliveryError::permanent(format!(
@@ -188,20 +196,19 @@ impl Sink for NatsSink {
             )));
         }
         let headers = Self::headers(event)?;
-        let body = event.payload.to_string().into_bytes();
-        let context = self.context()?;
-        let published = self.runtime.block_on(async {
-            let publish = async {
-                context
-                    .publish_with_headers(subject.clone(), headers, body.into())
-                    .await?
-                    .await
-            };
-            tokio::time::timeout(self.timeout, publish).await
-        });
-        match published {
-            Ok(Ok(_ack)) => Ok(()),
-            Ok(Err(error)) => Err(match error.kind() {
+        Ok((subject, headers, event.payload.to_string().into_bytes()))
+    }
+
+    /// The verdict on a message to `subject`, from its publish and PubAck
+    /// (`None`: the timeout ran out first).
+    fn verdict(
+        &self,
+        subject: &str,
+        acked: Option<Result<(), PublishError>>,
+    ) -> Result<(), DeliveryError> {
+        match acked {
+            Some(Ok(())) => Ok(()),
+            Some(Err(error)) => Err(match error.kind() {
                 PublishErrorKind::StreamNotFound => DeliveryError::transient(format!(
                     "no JetStream stream captures subject {subject}"
                 )),
@@ -210,11 +217,74 @@ impl Sink for NatsSink {
                 }
                 _ => DeliveryError::transient(format!("NATS: {error}")),
             }),
-            Err(_) => Err(DeliveryError::transient(format!(
+            None => Err(DeliveryError::transient(format!(
                 "NATS: no PubAck within {:?}",
                 self.timeout
             ))),
         }
+    }
+}
+
+impl Sink for NatsSink {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self.deliver_batch(&[event])
+            .pop()
+            .unwrap_or_else(|| Err(DeliveryError::transient("NATS: no result")))
+    }
+
+    /// Publishes every message, then waits for their PubAcks, all within
+    /// one timeout; each event gets its own verdict.
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        let messages: Vec<_> = events.iter().map(|event| self.message(event)).collect();
+        if messages.iter().all(Result::is_err) {
+            return messages.into_iter().map(|m| m.map(drop)).collect();
+        }
+        let context = match self.context() {
+            Ok(context) => context,
+            Err(error) => {
+                return messages
+                    .into_iter()
+                    .map(|m| m.and(Err(error.clone())))
+                    .collect()
+            }
+        };
+        self.runtime.block_on(async {
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            // Publish them all: each returns once the message is on its
+            // way, with a future of its PubAck.
+            let mut sent = Vec::with_capacity(messages.len());
+            for message in messages {
+                let (subject, headers, body) = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        sent.push(Err(error));
+                        continue;
+                    }
+                };
+                let publish = context.publish_with_headers(subject.clone(), headers, body.into());
+                let published = tokio::time::timeout_at(deadline, publish).await.ok();
+                sent.push(Ok((subject, published)));
+            }
+            // Then every PubAck, in order, until the deadline.
+            let mut results = Vec::with_capacity(sent.len());
+            for message in sent {
+                results.push(match message {
+                    Err(error) => Err(error),
+                    Ok((subject, None)) => self.verdict(&subject, None),
+                    Ok((subject, Some(Err(error)))) => self.verdict(&subject, Some(Err(error))),
+                    Ok((subject, Some(Ok(ack)))) => {
+                        let acked = tokio::time::timeout_at(deadline, ack).await.ok();
+                        self.verdict(&subject, acked.map(|a| a.map(drop)))
+                    }
+                });
+            }
+            results
+        })
+    }
+
+    /// The relay's whole batch: PubAcks are awaited together.
+    fn max_batch(&self) -> usize {
+        usize::MAX
     }
 }
 

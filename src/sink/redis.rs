@@ -4,6 +4,9 @@
 //! event has none), `payload` (JSON), `headers` (JSON object), `created_at`
 //! (RFC 3339). The entry id is Redis's own (`*`).
 //!
+//! A batch from the relay is one pipeline of `XADD`s (one round trip,
+//! `Sink::deliver_batch`); each event gets its verdict from its own reply.
+//!
 //! Delivered once `XADD` returns. Redis Streams have no deduplication: an
 //! event delivered twice (a relay died between `XADD` and settling) is two
 //! entries with the same `id` field, and consumers deduplicate on it.
@@ -148,17 +151,13 @@ impl RedisBuilder {
     }
 }
 
-impl Sink for RedisSink {
-    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+impl RedisSink {
+    /// The `XADD` that appends `event`.
+    fn xadd(&self, event: &StoredEvent) -> redis::Cmd {
         let stream = match &self.target {
             Target::PerTopic(prefix) => format!("{prefix}{}", event.topic),
             Target::Single(stream) => stream.clone(),
         };
-        let mut conn = self
-            .pool
-            .get()
-            .map_err(|e| DeliveryError::transient(format!("Redis unreachable: {e}")))?;
-
         let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned());
         let mut xadd = redis::cmd("XADD");
         xadd.arg(&stream)
@@ -180,8 +179,49 @@ impl Sink for RedisSink {
                     .created_at
                     .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             );
-        xadd.query::<String>(&mut *conn).map_err(redis_error)?;
-        Ok(())
+        xadd
+    }
+}
+
+impl Sink for RedisSink {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self.deliver_batch(&[event])
+            .pop()
+            .unwrap_or_else(|| Err(DeliveryError::transient("Redis: no result")))
+    }
+
+    /// Sends every `XADD` in one pipeline and reads their replies: one
+    /// round trip. Each event gets its own verdict from its own reply.
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        let every = |error: DeliveryError| events.iter().map(|_| Err(error.clone())).collect();
+        let mut conn = match self.pool.get() {
+            Ok(conn) => conn,
+            Err(e) => return every(DeliveryError::transient(format!("Redis unreachable: {e}"))),
+        };
+        let mut pipe = redis::pipe();
+        for event in events {
+            pipe.add_command(self.xadd(event));
+        }
+        // Replies one by one: an error reply fails its own event only.
+        let replies: Vec<redis::RedisResult<String>> = match pipe.ignore_errors().query(&mut *conn)
+        {
+            Ok(replies) => replies,
+            Err(error) => return every(redis_error(error)),
+        };
+        let mut replies = replies.into_iter();
+        events
+            .iter()
+            .map(|_| match replies.next() {
+                Some(Ok(_entry_id)) => Ok(()),
+                Some(Err(error)) => Err(redis_error(error)),
+                None => Err(DeliveryError::transient("Redis: no reply to XADD")),
+            })
+            .collect()
+    }
+
+    /// The relay's whole batch, in one pipeline.
+    fn max_batch(&self) -> usize {
+        usize::MAX
     }
 }
 

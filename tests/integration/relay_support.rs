@@ -205,6 +205,44 @@ impl Recording {
     }
 }
 
+/// A real sink, wrapped to record how many events the relay handed to
+/// each of its `deliver_batch` calls.
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+pub struct BatchSizes<S> {
+    inner: S,
+    sizes: Arc<Mutex<Vec<usize>>>,
+}
+
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+impl<S: outbox::Sink> BatchSizes<S> {
+    /// `inner`, and the list its batch sizes go into.
+    pub fn new(inner: S) -> (Self, Arc<Mutex<Vec<usize>>>) {
+        let sizes = Arc::<Mutex<Vec<usize>>>::default();
+        let sink = BatchSizes {
+            inner,
+            sizes: sizes.clone(),
+        };
+        (sink, sizes)
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+impl<S: outbox::Sink> outbox::Sink for BatchSizes<S> {
+    fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        self.sizes.lock().unwrap().push(1);
+        self.inner.deliver(event)
+    }
+
+    fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+        self.sizes.lock().unwrap().push(events.len());
+        self.inner.deliver_batch(events)
+    }
+
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+}
+
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 /// A test database, its pool and a recorder.

@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::common::count;
-use crate::relay_support::{outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
+use crate::relay_support::{outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -79,11 +79,16 @@ impl Broker {
 
     /// Routes every routing key of the exchange to the queue.
     fn bind(&self) {
+        self.bind_only("#");
+    }
+
+    /// Routes the routing keys matching `pattern` to the queue.
+    fn bind_only(&self, pattern: &str) {
         self.runtime
             .block_on(self.channel.queue_bind(
                 self.name.as_str().into(),
                 self.name.as_str().into(),
-                "#".into(),
+                pattern.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             ))
@@ -173,6 +178,78 @@ fn events_are_published_persistent_and_confirmed() {
         ]
     );
     assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn a_claimed_batch_is_published_in_one_call_and_confirmed_in_order() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    broker.bind();
+    let ids = bed.publish(&[("order.approved", None); 20]);
+    let sink = outbox::AmqpSink::builder(AMQP, &broker.name)
+        .build()
+        .unwrap();
+    let (sink, sizes) = BatchSizes::new(sink);
+    let relay = bed.relay().workers(1).route("*", sink).start().unwrap();
+    bed.signals.delivered(20);
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        [20],
+        "one call for the claimed batch"
+    );
+    let got: Vec<String> = broker.drain().into_iter().map(|g| g.message_id).collect();
+    let expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    assert_eq!(got, expected, "every event confirmed, in delivery order");
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn each_event_of_a_batch_gets_its_own_verdict() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    // Only order.* reaches the queue: other.* comes back unroutable.
+    broker.bind_only("order.#");
+    let ids = outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_events([
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "n": 0 })),
+            outbox::NewEvent::dynamic("other.thing", serde_json::json!({ "n": 1 })),
+            outbox::NewEvent::dynamic("order.noted", serde_json::json!({ "n": 2 }))
+                .header("x".repeat(256), "a name AMQP cannot carry"),
+            outbox::NewEvent::dynamic("order.shipped", serde_json::json!({ "n": 3 })),
+        ])
+    })
+    .unwrap();
+    let events = outbox::queued_events(&mut bed.conn(), 10).unwrap();
+    let sink = outbox::AmqpSink::builder(AMQP, &broker.name)
+        .build()
+        .unwrap();
+    use outbox::Sink;
+    let results = sink.deliver_batch(&events.iter().collect::<Vec<_>>());
+    let verdicts: Vec<_> = results
+        .iter()
+        .map(|r| r.clone().map_err(|e| (e.kind(), e.message().to_owned())))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Ok(()),
+            Err((
+                outbox::DeliveryErrorKind::Transient,
+                format!(
+                    "unroutable: no queue is bound to exchange {:?} for routing key \"other.thing\" (312 NO_ROUTE)",
+                    broker.name
+                )
+            )),
+            Err((
+                outbox::DeliveryErrorKind::Permanent,
+                "an event header name is longer than AMQP allows (255 bytes)".to_owned()
+            )),
+            Ok(()),
+        ]
+    );
+    let got: Vec<String> = broker.drain().into_iter().map(|g| g.message_id).collect();
+    assert_eq!(got, [ids[0].to_string(), ids[3].to_string()]);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, stream};
 use outbox::Sink;
 
 use crate::common::count;
-use crate::relay_support::{outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
+use crate::relay_support::{outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
 const NATS: &str = "nats://127.0.0.1:4222";
@@ -39,10 +39,15 @@ impl Stream {
     }
 
     fn create(&self) {
+        self.create_capturing(&format!("{}.>", self.prefix));
+    }
+
+    /// Creates the stream, capturing only `subjects`.
+    fn create_capturing(&self, subjects: &str) {
         self.runtime
             .block_on(self.context.create_stream(stream::Config {
                 name: self.name.clone(),
-                subjects: vec![format!("{}.>", self.prefix)],
+                subjects: vec![subjects.to_owned()],
                 ..Default::default()
             }))
             .unwrap();
@@ -109,6 +114,82 @@ fn events_are_published_and_acknowledged_on_prefix_dot_topic() {
         ]
     );
     assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn a_claimed_batch_is_published_in_one_call_and_acknowledged_in_order() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    stream.create();
+    let topics: Vec<(String, Option<&str>)> =
+        (0..20).map(|n| (format!("order.{n}"), None)).collect();
+    let topics: Vec<(&str, Option<&str>)> = topics.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+    let ids = bed.publish(&topics);
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .build()
+        .unwrap();
+    let (sink, sizes) = BatchSizes::new(sink);
+    let relay = bed.relay().workers(1).route("*", sink).start().unwrap();
+    bed.signals.delivered(20);
+    relay.shutdown(PATIENCE).unwrap();
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        [20],
+        "one call for the claimed batch"
+    );
+    let got: Vec<(String, String)> = stream
+        .messages()
+        .into_iter()
+        .map(|(subject, id, _, _)| (subject, id))
+        .collect();
+    let expected: Vec<(String, String)> = (0..20)
+        .map(|n| (format!("{}.order.{n}", stream.prefix), ids[n].to_string()))
+        .collect();
+    assert_eq!(got, expected, "every event acknowledged, in delivery order");
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn each_event_of_a_batch_gets_its_own_verdict() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    // Only order.* is captured: other.* has no stream to answer it.
+    stream.create_capturing(&format!("{}.order.>", stream.prefix));
+    let ids = bed.publish(&[
+        ("order.approved", None),
+        ("order has spaces", None),
+        ("other.thing", None),
+        ("order.shipped", None),
+    ]);
+    let events = outbox::queued_events(&mut bed.conn(), 10).unwrap();
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .build()
+        .unwrap();
+    let results = sink.deliver_batch(&events.iter().collect::<Vec<_>>());
+    let verdicts: Vec<_> = results
+        .iter()
+        .map(|r| r.clone().map_err(|e| (e.kind(), e.message().to_owned())))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Ok(()),
+            Err((
+                outbox::DeliveryErrorKind::Permanent,
+                "topic \"order has spaces\" does not make a NATS subject".to_owned()
+            )),
+            Err((
+                outbox::DeliveryErrorKind::Transient,
+                format!(
+                    "no JetStream stream captures subject {}.other.thing",
+                    stream.prefix
+                )
+            )),
+            Ok(()),
+        ]
+    );
+    let got: Vec<String> = stream.messages().into_iter().map(|m| m.1).collect();
+    assert_eq!(got, [ids[0].to_string(), ids[3].to_string()]);
 }
 
 #[test]

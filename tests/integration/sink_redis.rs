@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use redis::Commands;
 
 use crate::common::count;
-use crate::relay_support::{dead_letters, outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
+use crate::relay_support::{
+    dead_letters, outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE,
+};
 use crate::tcp_proxy::free_port;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -112,6 +114,71 @@ fn one_configured_stream_takes_every_topic() {
             (ids[1].to_string(), "b".into())
         ]
     );
+}
+
+#[test]
+fn a_claimed_batch_is_one_pipeline_and_lands_in_order() {
+    let bed = setup();
+    let stream = format!("{}batch", prefix(&bed));
+    let ids = bed.publish(&[("t", None); 20]);
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream(&stream)
+        .build()
+        .unwrap();
+    let (sink, sizes) = BatchSizes::new(sink);
+    let relay = bed.relay().workers(1).route("*", sink).start().unwrap();
+    bed.signals.delivered(20);
+    relay.shutdown(PATIENCE).unwrap();
+    let got: Vec<String> = entries(&stream)
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    cleanup(&[stream]);
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        [20],
+        "one call for the claimed batch"
+    );
+    let expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    assert_eq!(got, expected, "every event appended, in delivery order");
+    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+}
+
+#[test]
+fn each_event_of_a_pipeline_gets_its_own_verdict() {
+    let bed = setup();
+    let prefix = prefix(&bed);
+    let _: () = redis().set(format!("{prefix}b"), "a plain string").unwrap();
+    let ids = bed.publish(&[("a", None), ("b", None), ("a", None)]);
+    let events = outbox::queued_events(&mut bed.conn(), 10).unwrap();
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream_prefix(&prefix)
+        .build()
+        .unwrap();
+    use outbox::Sink;
+    let results = sink.deliver_batch(&events.iter().collect::<Vec<_>>());
+    let got: Vec<String> = entries(&format!("{prefix}a"))
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    cleanup(&[format!("{prefix}a"), format!("{prefix}b")]);
+    let verdicts: Vec<_> = results
+        .iter()
+        .map(|r| r.clone().map_err(|e| (e.kind(), e.message().to_owned())))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Ok(()),
+            Err((
+                outbox::DeliveryErrorKind::Permanent,
+                "Redis: \"WRONGTYPE\": Operation against a key holding the wrong kind of value"
+                    .to_owned()
+            )),
+            Ok(()),
+        ]
+    );
+    assert_eq!(got, [ids[0].to_string(), ids[2].to_string()]);
 }
 
 #[test]

@@ -194,6 +194,25 @@ fn a_signed_delivery_carries_the_standard_webhooks_headers_and_body() {
 }
 
 #[test]
+fn a_host_name_is_resolved_like_an_ip_address_is_used() {
+    // The sink skips the lookup for an IP address (every other test here);
+    // a name still goes through ureq's resolver.
+    let bed = setup();
+    let hook = HookServer::start(|_| ok());
+    let by_name = hook.url.replace("127.0.0.1", "localhost");
+    let sink = outbox::WebhookSink::builder(&by_name)
+        .secret(SECRET)
+        .build()
+        .unwrap();
+    bed.publish(&[("t", None)]);
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    outbox::Sink::deliver(&sink, &event).unwrap();
+    let seen = hook.requests.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(seen.path, "/hook");
+    assert!(verify(&seen));
+}
+
+#[test]
 fn retryable_statuses_are_retried_honouring_retry_after_within_the_cap() {
     let bed = setup();
     let hook = HookServer::start(|n| match n {

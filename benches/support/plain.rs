@@ -1,0 +1,242 @@
+//! The plain-client baselines of `benches/sinks.rs`: each target's own
+//! client sending the messages the sink sends (same headers, properties,
+//! fields and signature) and waiting for the same acknowledgements, either
+//! one at a time or pipelined a batch at a time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// Messages a pipelined baseline sends before waiting for their
+/// acknowledgements: the relay's default batch size.
+pub const PIPELINE: usize = 100;
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A bare `ureq` agent (default settings) POSTing what `WebhookSink`
+/// POSTs, signed the same way.
+pub struct Webhook {
+    pub agent: ureq::Agent,
+    pub url: String,
+    /// The decoded `whsec_` key.
+    pub key: Vec<u8>,
+}
+
+impl Webhook {
+    /// One request after the other, each waiting for its response.
+    pub fn sequential(&self, messages: &[Value]) {
+        use base64::Engine;
+        use hmac::Mac;
+        for (n, data) in messages.iter().enumerate() {
+            let body = serde_json::to_vec(&serde_json::json!({
+                "type": "order.approved",
+                "timestamp": now_rfc3339(),
+                "data": data,
+            }))
+            .unwrap();
+            let id = n.to_string();
+            let timestamp = unix_seconds().to_string();
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).unwrap();
+            mac.update(id.as_bytes());
+            mac.update(b".");
+            mac.update(timestamp.as_bytes());
+            mac.update(b".");
+            mac.update(&body);
+            let signature = format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+            );
+            let response = self
+                .agent
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", &timestamp)
+                .header("outbox-topic", "order.approved")
+                .header("outbox-attempt", "1")
+                .header("webhook-signature", signature)
+                .send(&body[..])
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 204);
+        }
+    }
+}
+
+/// A plain `redis` connection sending the sink's `XADD`.
+pub struct Redis {
+    pub conn: redis::Connection,
+    pub stream: &'static str,
+}
+
+impl Redis {
+    fn xadd(&self, n: usize, data: &Value) -> redis::Cmd {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(self.stream)
+            .arg("*")
+            .arg("id")
+            .arg(n)
+            .arg("topic")
+            .arg("order.approved")
+            .arg("payload")
+            .arg(data.to_string())
+            .arg("headers")
+            .arg("{}")
+            .arg("created_at")
+            .arg(now_rfc3339());
+        xadd
+    }
+
+    /// One `XADD` after the other, each waiting for its reply.
+    pub fn sequential(&mut self, messages: &[Value]) {
+        for (n, data) in messages.iter().enumerate() {
+            self.xadd(n, data).query::<String>(&mut self.conn).unwrap();
+        }
+    }
+
+    /// [`PIPELINE`] `XADD`s in one pipeline, then their replies.
+    pub fn pipelined(&mut self, messages: &[Value]) {
+        for (chunk_no, chunk) in messages.chunks(PIPELINE).enumerate() {
+            let mut pipe = redis::pipe();
+            for (n, data) in chunk.iter().enumerate() {
+                pipe.add_command(self.xadd(chunk_no * PIPELINE + n, data));
+            }
+            let ids: Vec<String> = pipe.query(&mut self.conn).unwrap();
+            assert_eq!(ids.len(), chunk.len());
+        }
+    }
+}
+
+/// A plain `async-nats` JetStream context publishing what `NatsSink`
+/// publishes.
+pub struct Nats {
+    pub runtime: tokio::runtime::Runtime,
+    pub context: async_nats::jetstream::Context,
+    pub subject: &'static str,
+    pub next_id: usize,
+}
+
+impl Nats {
+    fn headers(&mut self) -> async_nats::HeaderMap {
+        self.next_id += 1;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("plain-{}", self.next_id).as_str());
+        headers.insert("outbox-topic", "order.approved");
+        headers.insert("outbox-attempt", "1");
+        headers
+    }
+
+    /// One publish after the other, each waiting for its PubAck.
+    pub fn sequential(&mut self, messages: &[Value]) {
+        for data in messages {
+            let headers = self.headers();
+            self.runtime.block_on(async {
+                self.context
+                    .publish_with_headers(self.subject, headers, data.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            });
+        }
+    }
+
+    /// [`PIPELINE`] publishes, then their PubAcks.
+    pub fn pipelined(&mut self, messages: &[Value]) {
+        for chunk in messages.chunks(PIPELINE) {
+            let headers: Vec<_> = chunk.iter().map(|_| self.headers()).collect();
+            self.runtime.block_on(async {
+                let mut acks = Vec::with_capacity(chunk.len());
+                for (data, headers) in chunk.iter().zip(headers) {
+                    let ack = self
+                        .context
+                        .publish_with_headers(self.subject, headers, data.to_string().into())
+                        .await
+                        .unwrap();
+                    acks.push(ack);
+                }
+                for ack in acks {
+                    ack.await.unwrap();
+                }
+            });
+        }
+    }
+}
+
+/// A plain `lapin` channel in confirm mode publishing what `AmqpSink`
+/// publishes.
+pub struct Amqp {
+    pub runtime: tokio::runtime::Runtime,
+    pub channel: lapin::Channel,
+    pub exchange: &'static str,
+}
+
+impl Amqp {
+    fn properties(n: usize) -> lapin::BasicProperties {
+        use lapin::types::{AMQPValue, FieldTable, ShortString};
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("outbox-topic"),
+            AMQPValue::LongString("order.approved".into()),
+        );
+        headers.insert(
+            ShortString::from("outbox-attempt"),
+            AMQPValue::LongString("1".into()),
+        );
+        lapin::BasicProperties::default()
+            .with_message_id(n.to_string().into())
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_timestamp(unix_seconds())
+            .with_headers(headers)
+    }
+
+    async fn publish(&self, n: usize, data: &Value) -> lapin::PublisherConfirm {
+        self.channel
+            .basic_publish(
+                self.exchange.into(),
+                "order.approved".into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                data.to_string().as_bytes(),
+                Self::properties(n),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// One publish after the other, each waiting for its confirm.
+    pub fn sequential(&self, messages: &[Value]) {
+        self.runtime.block_on(async {
+            for (n, data) in messages.iter().enumerate() {
+                let confirm = self.publish(n, data).await.await.unwrap();
+                assert!(matches!(confirm, lapin::Confirmation::Ack(None)));
+            }
+        })
+    }
+
+    /// [`PIPELINE`] publishes, then their confirms.
+    pub fn pipelined(&self, messages: &[Value]) {
+        self.runtime.block_on(async {
+            for (chunk_no, chunk) in messages.chunks(PIPELINE).enumerate() {
+                let mut confirms = Vec::with_capacity(chunk.len());
+                for (n, data) in chunk.iter().enumerate() {
+                    confirms.push(self.publish(chunk_no * PIPELINE + n, data).await);
+                }
+                for confirm in confirms {
+                    let confirm = confirm.await.unwrap();
+                    assert!(matches!(confirm, lapin::Confirmation::Ack(None)));
+                }
+            }
+        })
+    }
+}
