@@ -333,9 +333,10 @@ fn head_in_flight_and_a_follower(conn: &mut PgConnection) -> (Batch, i64) {
     (held, r)
 }
 
-/// Claim first: the claim parks R behind H and holds `FOR KEY SHARE` on H;
-/// a settle deleting H waits for the claim, and its wake (a later
-/// statement) sees R and makes it due: never stranded at 'infinity'.
+/// Claim first: the claim (with nothing else to return, it parks at once)
+/// parks R behind H and holds `FOR KEY SHARE` on H; a settle deleting H
+/// waits for the claim, and its wake (a later statement) sees R and makes
+/// it due: never stranded at 'infinity'.
 fn settle_waiting_for_a_parking_claim_wakes_what_it_parked(verdict: Verdict) {
     let db = pg::test_db();
     let (mut claimer, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
@@ -961,11 +962,11 @@ fn reclaim_truncates_a_segment_only_once_every_cursor_has_passed_it() {
     }
 }
 
-/// A claim returns a1 and parks a2, a later event of the same key (here
-/// delayed), in the same batch. The relay's retry of a1 is copied to
-/// `outbox.deliveries` behind a2: a1 must still come first.
+/// A claim returns a1 and leaves a2, a later event of the same key (here
+/// delayed), for its settle to park. The relay retries a1: a1 must still
+/// come first, and a2 wakes behind it no earlier than its own due time.
 #[test]
-fn a_retry_is_not_queued_behind_a_later_event_its_claim_parked() {
+fn a_retry_stays_ahead_of_a_later_delayed_event_of_its_key() {
     let db = pg::test_db();
     let mut conn = db.conn();
     let a1 = publish(&mut conn, "t", Some("a"), 0);
@@ -997,8 +998,9 @@ fn a_retry_is_not_queued_behind_a_later_event_its_claim_parked() {
 }
 
 /// A relay that does not route `user.signup` claims a1 (`order.created`,
-/// key a) and parks a2 (`user.signup`, key a) as unrouted, due at once. A
-/// relay that routes everything must not take a2 while a1 is in flight.
+/// key a) and leaves a2 (`user.signup`, key a) unrouted. A relay that
+/// routes everything must not get a2 while a1 is in flight, and gets it
+/// once a1 is settled.
 #[test]
 fn an_unrouted_event_waits_for_the_earlier_event_of_its_key_in_flight() {
     let db = pg::test_db();
@@ -1078,4 +1080,31 @@ fn a_late_commit_behind_a_retry_of_its_key_is_not_stranded() {
     }
     delivered.sort_unstable();
     assert_eq!(delivered, [a, b]);
+}
+
+/// `outbox.reclaim` while a publisher's transaction is still open: it moves
+/// idle lanes to the present and may not truncate the segment the open
+/// transaction writes to, even once xids have moved past it; the event is
+/// read once it commits.
+#[test]
+fn reclaim_neither_skips_nor_truncates_an_open_transactions_event() {
+    let db = pg::test_db();
+    let (mut t1, mut conn) = (db.conn(), db.conn());
+    execute(&mut t1, "BEGIN");
+    let a = publish(&mut t1, "t", Some("k"), 0);
+    let tx = diesel::sql_query("SELECT pg_current_xact_id()::text::bigint AS xid")
+        .get_result::<Xid>(&mut t1)
+        .expect("reading T1's xid")
+        .xid;
+    burn_xids_past_the_range_of(&mut conn, tx);
+    assert_eq!(reclaim(&mut conn).unwrap(), Vec::<i32>::new());
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+    execute(&mut t1, "COMMIT");
+
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [a]);
+    assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
+        [a]
+    );
 }
