@@ -10,7 +10,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
@@ -172,7 +172,7 @@ fn events_are_published_persistent_and_confirmed() {
             },
         ]
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]

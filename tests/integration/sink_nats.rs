@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use outbox::Sink;
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{outage_then_recovery, setup, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
@@ -108,7 +108,7 @@ fn events_are_published_and_acknowledged_on_prefix_dot_topic() {
             ),
         ]
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]
