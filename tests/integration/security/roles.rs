@@ -33,6 +33,8 @@ const RELAY: &[&str] = &[
     "GRANT SELECT, INSERT, UPDATE ON outbox.dead_letters TO {role}",
     "GRANT USAGE ON SEQUENCE outbox.claim_tokens TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON outbox.relay_wakeup TO {role}",
+    // The command-line relay's --drain and metrics read what is owed.
+    "GRANT SELECT ON outbox.pending TO {role}",
     // The claim reads the log segment by segment, and outbox.reclaim()
     // locks and truncates the segments all subscriptions have passed.
     "GRANT SELECT, TRUNCATE ON outbox.events_0 TO {role}",
