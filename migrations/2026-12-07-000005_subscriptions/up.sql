@@ -102,13 +102,14 @@ COMMENT ON COLUMN outbox.cursors.lease_until IS 'The lane is free again after th
 
 CREATE TABLE outbox.deliveries (
     subscription text NOT NULL REFERENCES outbox.subscriptions ON DELETE CASCADE,
-    -- The row's handle for the relay that claims it.
+    -- Queue order: the order rows were read from the log (commit order,
+    -- a late commit after what its key already had), then moved in (old
+    -- queue, replays). Only a key's lowest seq (its head) may be claimed,
+    -- and only while no other row of the key is in flight.
     seq bigint GENERATED ALWAYS AS IDENTITY,
     id bigint NOT NULL,
     -- The publishing transaction (0 for events that are not in the log:
-    -- moved over from the old queue, or replayed). A key's rows are
-    -- delivered in (tx, id) order, commit order: only the lowest (the head)
-    -- may be claimed, and only while no other row of the key is in flight.
+    -- moved over from the old queue, or replayed).
     tx xid8 NOT NULL DEFAULT '0',
     topic text COLLATE "C" NOT NULL,
     key text,
@@ -138,9 +139,9 @@ COMMENT ON COLUMN outbox.deliveries.reason IS
     'Why the row exists: retry (a delivery failed), delayed (published with a future available_at), blocked (waits for an earlier event of its key), queued (released unattempted, unrouted by the relay that read it, or moved from the old queue), replayed (a dead letter sent again).';
 
 COMMENT ON COLUMN outbox.deliveries.subscription IS 'The subscription that owes the event.';
-COMMENT ON COLUMN outbox.deliveries.seq IS 'The row''s handle for the relay that claims it.';
+COMMENT ON COLUMN outbox.deliveries.seq IS 'Queue order: a key''s rows go in seq order (the order they were read from the log), and only its lowest may be claimed.';
 COMMENT ON COLUMN outbox.deliveries.id IS 'The event id (as in outbox.events).';
-COMMENT ON COLUMN outbox.deliveries.tx IS 'The publishing transaction; 0 for replayed or migrated events. A key''s rows go in (tx, id) order.';
+COMMENT ON COLUMN outbox.deliveries.tx IS 'The publishing transaction; 0 for replayed or migrated events.';
 COMMENT ON COLUMN outbox.deliveries.topic IS 'The event topic.';
 COMMENT ON COLUMN outbox.deliveries.key IS 'The event ordering key, or NULL.';
 COMMENT ON COLUMN outbox.deliveries.payload IS 'The event body, as published.';
@@ -154,7 +155,7 @@ COMMENT ON COLUMN outbox.deliveries.claimed_by IS 'The relay that claimed it las
 COMMENT ON COLUMN outbox.deliveries.token IS 'Fencing token of the claim holding it.';
 
 CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription, available_at);
-CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, tx, id) WHERE key IS NOT NULL;
+CREATE INDEX deliveries_key_idx ON outbox.deliveries (subscription, key, seq) WHERE key IS NOT NULL;
 CREATE INDEX deliveries_token_idx ON outbox.deliveries (token) WHERE token IS NOT NULL;
 
 -- A small queue table: vacuum after a fixed number of dead rows (see the
@@ -481,7 +482,7 @@ BEGIN
          CROSS JOIN LATERAL (
                SELECT 1 FROM outbox.deliveries d
                 WHERE d.subscription = p_subscription AND d.key = k.key
-                ORDER BY d.tx, d.id
+                ORDER BY d.seq
                 LIMIT 1
                   FOR KEY SHARE) head
     )
@@ -727,7 +728,7 @@ BEGIN
                AND (d.key IS NULL OR NOT EXISTS (
                         SELECT FROM outbox.deliveries x
                          WHERE x.subscription = d.subscription AND x.key = d.key
-                           AND ((x.tx, x.id) < (d.tx, d.id)
+                           AND (x.seq < d.seq
                                 OR (x.token IS NOT NULL AND x.available_at > now()))))
              ORDER BY d.available_at, d.seq
              LIMIT p_limit - got
@@ -783,10 +784,8 @@ BEGIN
        SET available_at = greatest(now(), d.not_before)
       FROM (SELECT DISTINCT k FROM unnest(done_keys) k) done(key)
      WHERE d.subscription = p_subscription
-       AND (d.tx, d.id) = (SELECT x.tx, x.id FROM outbox.deliveries x
-                            WHERE x.subscription = p_subscription AND x.key = done.key
-                            ORDER BY x.tx, x.id
-                            LIMIT 1)
+       AND d.seq = (SELECT min(x.seq) FROM outbox.deliveries x
+                     WHERE x.subscription = p_subscription AND x.key = done.key)
        AND d.available_at = 'infinity';
 END
 $$;
@@ -811,7 +810,7 @@ BEGIN
     IF cardinality(park_keys) = 0 THEN
         PERFORM FROM outbox.deliveries d
           WHERE d.subscription = p_subscription AND d.seq = ANY (own) AND d.token = p_token
-          ORDER BY d.key, d.tx, d.id
+          ORDER BY d.key, d.seq
             FOR UPDATE;
         RETURN;
     END IF;
@@ -830,7 +829,7 @@ BEGIN
         IF k = ANY (park_keys) THEN
             PERFORM FROM (SELECT 1 FROM outbox.deliveries d
                            WHERE d.subscription = p_subscription AND d.key = k
-                           ORDER BY d.tx, d.id
+                           ORDER BY d.seq
                            LIMIT 1
                              FOR KEY SHARE) head;
         END IF;

@@ -118,6 +118,10 @@ impl Housekeeping {
                 crate::observe::Counters::add(&shared.counters.stranded_rescued, ids.len());
                 tracing::warn!(relay = %relay, events = ?ids, "events waited behind an event of their key that was removed without a settle (by hand?); they are due now");
                 shared.observer.on_stranded_rescued(&ids);
+                // Due now, but the workers may be asleep until their poll.
+                for served in &shared.subscriptions {
+                    let _ = served.wake_tx.try_send(());
+                }
             }
             Ok(_) => {}
             Err(error) => {

@@ -59,7 +59,7 @@ pub(crate) fn dead_rows_left(conn: &mut PgConnection) -> QueryResult<i64> {
     })
 }
 
-/// The session whose snapshot is the oldest in the cluster: while it is
+/// The session of this database whose snapshot is the oldest: while it is
 /// open, VACUUM keeps every row deleted after it began.
 #[derive(QueryableByName, Debug)]
 pub(crate) struct OldestSnapshot {
@@ -86,6 +86,9 @@ pub(crate) fn oldest_snapshot(conn: &mut PgConnection) -> QueryResult<Option<Old
                 nullif(application_name, '') AS application_name
            FROM pg_stat_activity
           WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
+            -- Only this database's sessions (and those of none, such as
+            -- replication) hold back the vacuum of its tables.
+            AND (datname = current_database() OR datname IS NULL)
           ORDER BY age(backend_xmin) DESC
           LIMIT 1",
     )

@@ -7,7 +7,9 @@ use super::StoredRow;
 
 /// The oldest `limit` events some subscription still owes (due, delayed,
 /// retrying or held by a relay), in id order, one row per subscription
-/// that owes it (`outbox.pending`). Takes no locks.
+/// that owes it (`outbox.pending`). Takes no locks. An event waiting behind
+/// an earlier one of its key shows `available_at` as the latest time a
+/// `DateTime<Utc>` holds: it is due once that one settles.
 pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<StoredRow>> {
     #[derive(QueryableByName)]
     struct Row {
@@ -33,7 +35,14 @@ pub(crate) fn queued_events(conn: &mut PgConnection, limit: i64) -> QueryResult<
         last_error: Option<String>,
     }
     let rows: Vec<Row> = diesel::sql_query(
-        "SELECT subscription, id, topic, key, payload, headers, created_at, available_at, attempts, last_error
+        // A row waiting behind an earlier event of its key is due at
+        // 'infinity' (once that one settles), which no DateTime holds: it
+        // shows as the latest time chrono represents (to the microsecond).
+        "SELECT subscription, id, topic, key, payload, headers, created_at,
+                CASE WHEN available_at = 'infinity'
+                     THEN '262142-12-31 23:59:59.999999+00'::timestamptz
+                     ELSE available_at END AS available_at,
+                attempts, last_error
            FROM outbox.pending
           ORDER BY id, subscription
           LIMIT $1",

@@ -1,10 +1,11 @@
 //! The races of the subscription log (migration 000005), each replayed in
 //! its exact interleaving with transactions and locks the test holds: late
-//! commits, a claim parking behind a head that a settle is deleting,
-//! fencing by the lane's and the rows' tokens, a batch taken over after its
-//! relay parked rows, a retry holding its key, and `outbox.reclaim` against
-//! cursors and readers. No sleeps: a step that must wait is observed
-//! waiting in `pg_stat_activity`.
+//! commits, a claim or a settle parking behind a head that another settle
+//! is deleting (both orders), fencing by the lane's and the rows' tokens, a
+//! batch taken over before its settle, a retry holding its key, and
+//! `outbox.reclaim` against cursors and readers. No sleeps: a step that
+//! must wait is observed waiting in `pg_stat_activity` (the one poll, for
+//! other databases' transactions, is explained where it is).
 
 use std::time::{Duration, Instant};
 
@@ -332,9 +333,10 @@ fn head_in_flight_and_a_follower(conn: &mut PgConnection) -> (Batch, i64) {
     (held, r)
 }
 
-/// Claim first: the claim parks R behind H and holds `FOR KEY SHARE` on H;
-/// a settle deleting H waits for the claim, and its wake (a later
-/// statement) sees R and makes it due: never stranded at 'infinity'.
+/// Claim first: the claim (with nothing else to return, it parks at once)
+/// parks R behind H and holds `FOR KEY SHARE` on H; a settle deleting H
+/// waits for the claim, and its wake (a later statement) sees R and makes
+/// it due: never stranded at 'infinity'.
 fn settle_waiting_for_a_parking_claim_wakes_what_it_parked(verdict: Verdict) {
     let db = pg::test_db();
     let (mut claimer, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
@@ -384,9 +386,10 @@ fn a_dead_letter_settled_while_a_claim_parks_behind_it_wakes_the_parked_row() {
 }
 
 /// Settle first: the settle has deleted H (and woken nothing: R is not
-/// parked yet) and is still open. The claim's `FOR KEY SHARE` on H waits
-/// for it; once H is gone for good the claim finds no head of k and
-/// returns R from the log, after H.
+/// parked yet) and is still open. The claim, which still sees H, parks R
+/// behind it, and its `FOR KEY SHARE` on H waits for the settle; once H is
+/// gone for good R is parked behind nothing, due, and the same claim
+/// returns it: after H, never stranded.
 #[test]
 fn a_claim_waiting_for_a_settle_that_deletes_the_head_delivers_the_follower() {
     let db = pg::test_db();
@@ -408,8 +411,6 @@ fn a_claim_waiting_for_a_settle_that_deletes_the_head_delivers_the_follower() {
     let (batch, mut claimer) = claiming.join().unwrap();
 
     assert_eq!(batch.ids(), [r]);
-    assert!(matches!(batch.rows[0].place, Place::Log { .. }));
-    assert_eq!(parked(&mut observer, DEFAULT), []);
     let settled = settle_ids(
         &mut claimer,
         DEFAULT,
@@ -417,10 +418,86 @@ fn a_claim_waiting_for_a_settle_that_deletes_the_head_delivers_the_follower() {
         &batch.all(Verdict::Delivered),
     );
     assert_eq!(settled, [r]);
+    assert_eq!(parked(&mut observer, DEFAULT), []);
     assert_eq!(
         claim_one(&mut observer, DEFAULT, "r3").ids(),
         Vec::<i64>::new()
     );
+}
+
+/// Keys `k` and `a` of one lane. H, the head of k, is in flight from
+/// `outbox.deliveries` (relay r1's batch); then R (k) and X (a) are
+/// published and relay r2 claims the lane: X is returned, and R is left for
+/// r2's settle to park behind H. Returns (r1's batch, r2's batch, R).
+fn a_settle_to_park_behind_a_head_in_flight(conn: &mut PgConnection) -> (Batch, Batch, i64) {
+    let keys = keys_in_one_lane(conn, 2);
+    let (k, a) = (Some(keys[0].as_str()), Some(keys[1].as_str()));
+    let h = publish(conn, "t", k, 0);
+    let first = claim_one(conn, DEFAULT, "r1");
+    settle_ids(conn, DEFAULT, &first, &first.all(retry(Duration::ZERO)));
+    let held = claim_one(conn, DEFAULT, "r1");
+    assert_eq!(held.ids(), [h]);
+    let r = publish(conn, "t", k, 0);
+    let x = publish(conn, "t", a, 0);
+    let batch = claim_one(conn, DEFAULT, "r2");
+    assert_eq!(batch.ids(), [x], "R waits behind H");
+    (held, batch, r)
+}
+
+/// The parking settle first: it parks R behind H and holds `FOR KEY SHARE`
+/// on H; the settle deleting H waits for it, and its wake sees R.
+#[test]
+fn a_head_deleted_while_a_settle_parks_behind_it_wakes_what_was_parked() {
+    let db = pg::test_db();
+    let (mut parker, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
+    let (held, batch, r) = a_settle_to_park_behind_a_head_in_flight(&mut observer);
+    let h = held.rows[0].id;
+
+    execute(&mut parker, "BEGIN");
+    settle_ids(&mut parker, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    let pid = backend_pid(&mut settler);
+    let settling = std::thread::spawn(move || {
+        let settled = settle_ids(&mut settler, DEFAULT, &held, &held.all(Verdict::Delivered));
+        (settled, settler)
+    });
+    until_waiting_for_a_lock(&mut observer, pid);
+    execute(&mut parker, "COMMIT");
+    let (settled, _settler) = settling.join().unwrap();
+
+    assert_eq!(settled, [h]);
+    assert_eq!(parked(&mut observer, DEFAULT), [p(r, "blocked", "due")]);
+    let next = claim_one(&mut observer, DEFAULT, "r3");
+    assert_eq!(next.ids(), [r]);
+}
+
+/// The deleting settle first, still open: the parking settle's `FOR KEY
+/// SHARE` on H waits for it, and once H is gone R is parked behind
+/// nothing: due at once.
+#[test]
+fn a_settle_parking_behind_a_head_being_deleted_parks_the_row_due() {
+    let db = pg::test_db();
+    let (mut parker, mut settler, mut observer) = (db.conn(), db.conn(), db.conn());
+    let (held, batch, r) = a_settle_to_park_behind_a_head_in_flight(&mut observer);
+    let (h, x) = (held.rows[0].id, batch.rows[0].id);
+
+    execute(&mut settler, "BEGIN");
+    assert_eq!(
+        settle_ids(&mut settler, DEFAULT, &held, &held.all(Verdict::Delivered)),
+        [h]
+    );
+    let pid = backend_pid(&mut parker);
+    let parking = std::thread::spawn(move || {
+        let settled = settle_ids(&mut parker, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+        (settled, parker)
+    });
+    until_waiting_for_a_lock(&mut observer, pid);
+    execute(&mut settler, "COMMIT");
+    let (settled, _parker) = parking.join().unwrap();
+
+    assert_eq!(settled, [x]);
+    assert_eq!(parked(&mut observer, DEFAULT), [p(r, "queued", "due")]);
+    let next = claim_one(&mut observer, DEFAULT, "r3");
+    assert_eq!(next.ids(), [r]);
 }
 
 /// Fencing: relay A's lease ran out and relay B took the lane and the
@@ -556,10 +633,10 @@ fn dead_letters(conn: &mut PgConnection) -> Vec<i64> {
 
 /// Keys `k`, `a`, `b` of one lane; `h`, the head of `k`, waits in
 /// `outbox.deliveries` (a retry due in an hour). Relay A then claims the
-/// lane's window [p1 (k), r1 (a), p2 (b, delayed an hour)]: it parks p1
-/// behind h and p2 as delayed, and returns r1. Returns (A's batch, h, p1,
-/// r1, p2).
-fn a_batch_that_parked_rows(conn: &mut PgConnection) -> (Batch, i64, i64, i64, i64) {
+/// lane's window [p1 (k), r1 (a), p2 (b, delayed an hour)]: it returns r1
+/// only; p1 (behind h) and p2 (delayed) are to be parked by its settle.
+/// Returns (A's batch, h, p1, r1, p2).
+fn a_batch_with_rows_to_park(conn: &mut PgConnection) -> (Batch, i64, i64, i64, i64) {
     let keys = keys_in_one_lane(conn, 3);
     let (k, a, b) = (
         Some(keys[0].as_str()),
@@ -579,30 +656,28 @@ fn a_batch_that_parked_rows(conn: &mut PgConnection) -> (Batch, i64, i64, i64, i
     let p2 = publish(conn, "t", b, 3600);
     let by_a = claim_one(conn, DEFAULT, "a");
     assert_eq!(by_a.ids(), [r1]);
-    assert_eq!(
-        parked(conn, DEFAULT),
-        [
-            p(h, "retry", "later"),
-            p(p1, "blocked", "infinity"),
-            p(p2, "delayed", "later")
-        ]
-    );
+    assert_eq!(parked(conn, DEFAULT), [p(h, "retry", "later")]);
     (by_a, h, p1, r1, p2)
 }
 
-/// The first holder died after parking rows: the relay that takes the lane
-/// over reads the same window but parks nothing twice and returns only
-/// what A returned.
+/// The first holder died before its settle: the relay that takes the lane
+/// over reads the same window, returns what A returned, and its settle
+/// parks each waiting row once; then everything comes out once, in key
+/// order, and nothing again from the log.
 #[test]
-fn a_batch_taken_over_after_parking_neither_parks_nor_returns_those_rows_again() {
+fn a_batch_taken_over_parks_its_waiting_rows_once_and_returns_nothing_twice() {
     let db = pg::test_db();
     let (mut relay, mut observer) = (db.conn(), db.conn());
-    let (by_a, h, p1, r1, p2) = a_batch_that_parked_rows(&mut observer);
+    let (by_a, h, p1, r1, p2) = a_batch_with_rows_to_park(&mut observer);
 
     expire(&mut observer, by_a.token);
     let by_b = claim_one(&mut relay, DEFAULT, "b");
     assert_eq!(by_b.ids(), [r1]);
     assert_eq!(by_b.lane, by_a.lane);
+    assert_eq!(
+        settle_ids(&mut relay, DEFAULT, &by_b, &by_b.all(Verdict::Delivered)),
+        [r1]
+    );
     assert_eq!(
         parked(&mut observer, DEFAULT),
         [
@@ -611,12 +686,12 @@ fn a_batch_taken_over_after_parking_neither_parks_nor_returns_those_rows_again()
             p(p2, "delayed", "later")
         ]
     );
+    // Too late: A's settle parks nothing a second time.
     assert_eq!(
-        settle_ids(&mut relay, DEFAULT, &by_b, &by_b.all(Verdict::Delivered)),
-        [r1]
+        settle_ids(&mut observer, DEFAULT, &by_a, &by_a.all(Verdict::Delivered)),
+        Vec::<i64>::new()
     );
 
-    // The rest comes out once, in key order, from outbox.deliveries only.
     let mut delivered = vec![r1];
     make_due(&mut observer, &[h, p2]);
     for _ in 0..3 {
@@ -633,41 +708,37 @@ fn a_batch_taken_over_after_parking_neither_parks_nor_returns_those_rows_again()
     assert_eq!(claim_one(&mut relay, DEFAULT, "b").ids(), Vec::<i64>::new());
 }
 
-/// As above, but the parked rows were settled (p1 delivered after its head,
-/// p2 dead-lettered) before the lane was taken over: the takeover must not
-/// read them from the log as new and deliver (or park) them again.
+/// While A (which will die) holds the lane, h is delivered: the takeover
+/// judges A's waiting rows again, so p1, no longer behind anything, comes
+/// straight from the log, once, and p2 (delayed) is parked once.
 #[test]
-#[ignore = "product bug: a takeover of a lane re-reads rows the dead batch parked once their deliveries rows are gone; p1 is returned again and p2, dead-lettered, is parked again (outbox.claim excludes only rows still in outbox.deliveries)"]
-fn rows_parked_by_a_dead_batch_and_settled_since_are_not_delivered_again_from_the_log() {
+fn rows_a_dead_batch_left_waiting_are_judged_again_by_the_takeover() {
     let db = pg::test_db();
     let (mut relay, mut observer) = (db.conn(), db.conn());
-    let (by_a, h, p1, r1, p2) = a_batch_that_parked_rows(&mut observer);
+    let (by_a, h, p1, r1, p2) = a_batch_with_rows_to_park(&mut observer);
 
-    // While A still holds the lane, another relay serves the deliveries.
     make_due(&mut observer, &[h]);
-    for expected in [h, p1] {
-        let batch = claim_one(&mut relay, DEFAULT, "c");
-        assert_eq!(batch.ids(), [expected]);
-        settle_ids(&mut relay, DEFAULT, &batch, &batch.all(Verdict::Delivered));
-    }
-    make_due(&mut observer, &[p2]);
     let batch = claim_one(&mut relay, DEFAULT, "c");
-    assert_eq!(batch.ids(), [p2]);
-    let dead = Verdict::Dead {
-        error: "refused".into(),
-    };
-    settle_ids(&mut relay, DEFAULT, &batch, &batch.all(dead));
+    assert_eq!(batch.ids(), [h]);
+    settle_ids(&mut relay, DEFAULT, &batch, &batch.all(Verdict::Delivered));
     assert_eq!(parked(&mut observer, DEFAULT), []);
 
     expire(&mut observer, by_a.token);
     let by_b = claim_one(&mut relay, DEFAULT, "b");
-    assert_eq!(
-        by_b.ids(),
-        [r1],
-        "p1 was delivered, p2 dead-lettered already"
-    );
-    assert_eq!(parked(&mut observer, DEFAULT), [], "nothing parked again");
-    assert_eq!(dead_letters(&mut observer), [p2]);
+    assert_eq!(by_b.ids(), [p1, r1]);
+    let dead = Verdict::Dead {
+        error: "refused".into(),
+    };
+    let verdicts = [(p1, Verdict::Delivered), (r1, dead)];
+    assert_eq!(settle_ids(&mut relay, DEFAULT, &by_b, &verdicts), [p1, r1]);
+    assert_eq!(parked(&mut observer, DEFAULT), [p(p2, "delayed", "later")]);
+    assert_eq!(dead_letters(&mut observer), [r1]);
+    make_due(&mut observer, &[p2]);
+    let last = claim_one(&mut relay, DEFAULT, "b");
+    assert_eq!(last.ids(), [p2]);
+    settle_ids(&mut relay, DEFAULT, &last, &last.all(Verdict::Delivered));
+    assert_eq!(parked(&mut observer, DEFAULT), []);
+    assert_eq!(claim_one(&mut relay, DEFAULT, "b").ids(), Vec::<i64>::new());
 }
 
 /// A retry holds its key: the key's later events wait (blocked, at
@@ -696,16 +767,16 @@ fn a_retry_holds_its_key_while_other_keys_of_the_lane_pass() {
     let batch = claim_one(&mut conn, DEFAULT, "r");
     assert_eq!(batch.ids(), [b1, b2]);
     assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
+        [b1, b2]
+    );
+    assert_eq!(
         parked(&mut conn, DEFAULT),
         [
             p(a1, "retry", "later"),
             p(a2, "blocked", "infinity"),
             p(a3, "blocked", "infinity")
         ]
-    );
-    assert_eq!(
-        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
-        [b1, b2]
     );
     assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
 
@@ -891,19 +962,17 @@ fn reclaim_truncates_a_segment_only_once_every_cursor_has_passed_it() {
     }
 }
 
-/// A claim returns a1 and parks a2, a later event of the same key (here
-/// delayed), in the same batch. The relay's retry of a1 is copied to
-/// `outbox.deliveries` behind a2: a1 must still come first.
+/// A claim returns a1 and leaves a2, a later event of the same key (here
+/// delayed), for its settle to park. The relay retries a1: a1 must still
+/// come first, and a2 wakes behind it no earlier than its own due time.
 #[test]
-#[ignore = "product bug: a retry is queued behind a later event of its key that its own claim parked (delayed or unrouted): the later event becomes the key's head and is delivered first"]
-fn a_retry_is_not_queued_behind_a_later_event_its_claim_parked() {
+fn a_retry_stays_ahead_of_a_later_delayed_event_of_its_key() {
     let db = pg::test_db();
     let mut conn = db.conn();
     let a1 = publish(&mut conn, "t", Some("a"), 0);
     let a2 = publish(&mut conn, "t", Some("a"), 3600);
     let batch = claim_one(&mut conn, DEFAULT, "r");
     assert_eq!(batch.ids(), [a1]);
-    assert_eq!(parked(&mut conn, DEFAULT), [p(a2, "delayed", "later")]);
     assert_eq!(
         settle_ids(
             &mut conn,
@@ -913,19 +982,26 @@ fn a_retry_is_not_queued_behind_a_later_event_its_claim_parked() {
         ),
         [a1]
     );
+    assert_eq!(
+        parked(&mut conn, DEFAULT),
+        [p(a1, "retry", "due"), p(a2, "blocked", "infinity")]
+    );
 
     let again = claim_one(&mut conn, DEFAULT, "r");
     assert_eq!(again.ids(), [a1], "the retry is due and a2 follows it");
     settle_ids(&mut conn, DEFAULT, &again, &again.all(Verdict::Delivered));
+    // Woken, but not before its publisher's available_at.
+    assert_eq!(parked(&mut conn, DEFAULT), [p(a2, "blocked", "later")]);
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
     make_due(&mut conn, &[a2]);
     assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), [a2]);
 }
 
 /// A relay that does not route `user.signup` claims a1 (`order.created`,
-/// key a) and parks a2 (`user.signup`, key a) as unrouted, due at once. A
-/// relay that routes everything must not take a2 while a1 is in flight.
+/// key a) and leaves a2 (`user.signup`, key a) unrouted. A relay that
+/// routes everything must not get a2 while a1 is in flight, and gets it
+/// once a1 is settled.
 #[test]
-#[ignore = "product bug: an event parked as unrouted behind an earlier event of its key returned by the same claim is due at once, so a second relay delivers it while the first is still in flight"]
 fn an_unrouted_event_waits_for_the_earlier_event_of_its_key_in_flight() {
     let db = pg::test_db();
     let (mut partial, mut full) = (db.conn(), db.conn());
@@ -950,4 +1026,84 @@ fn an_unrouted_event_waits_for_the_earlier_event_of_its_key_in_flight() {
         &batch.all(Verdict::Delivered),
     );
     assert_eq!(claim_one(&mut full, DEFAULT, "all").ids(), [a2]);
+}
+
+/// The rows of `outbox.deliveries` waiting at 'infinity' with no earlier
+/// row, in (tx, id) order, of their key: nothing will ever wake them.
+fn stranded(conn: &mut PgConnection) -> Vec<i64> {
+    diesel::sql_query(
+        "SELECT d.id FROM outbox.deliveries d
+          WHERE d.available_at = 'infinity'
+            AND (d.key IS NULL OR NOT EXISTS (
+                 SELECT FROM outbox.deliveries x
+                  WHERE x.subscription = d.subscription AND x.key = d.key
+                    AND x.seq < d.seq))
+          ORDER BY d.id",
+    )
+    .load::<Id>(conn)
+    .expect("reading stranded rows")
+    .into_iter()
+    .map(|r| r.id)
+    .collect()
+}
+
+/// A late commit of a key whose later event (by xid) is already waiting
+/// in `outbox.deliveries` (a retry): the late event sorts before it, by
+/// (tx, id), so it must not wait at 'infinity' behind it, or the key never
+/// moves again (the retry is no longer its head).
+#[test]
+fn a_late_commit_behind_a_retry_of_its_key_is_not_stranded() {
+    let db = pg::test_db();
+    let (mut t1, mut conn) = (db.conn(), db.conn());
+    execute(&mut t1, "BEGIN");
+    let a = publish(&mut t1, "t", Some("k"), 0);
+    let b = publish(&mut conn, "t", Some("k"), 0);
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [b]);
+    settle_ids(
+        &mut conn,
+        DEFAULT,
+        &batch,
+        &batch.all(retry(Duration::from_secs(3600))),
+    );
+    execute(&mut t1, "COMMIT");
+
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+    assert_eq!(stranded(&mut conn), Vec::<i64>::new());
+    make_due(&mut conn, &[b]);
+    let mut delivered = Vec::new();
+    for _ in 0..2 {
+        let batch = claim_one(&mut conn, DEFAULT, "r");
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+        delivered.extend(batch.ids());
+    }
+    delivered.sort_unstable();
+    assert_eq!(delivered, [a, b]);
+}
+
+/// `outbox.reclaim` while a publisher's transaction is still open: it moves
+/// idle lanes to the present and may not truncate the segment the open
+/// transaction writes to, even once xids have moved past it; the event is
+/// read once it commits.
+#[test]
+fn reclaim_neither_skips_nor_truncates_an_open_transactions_event() {
+    let db = pg::test_db();
+    let (mut t1, mut conn) = (db.conn(), db.conn());
+    execute(&mut t1, "BEGIN");
+    let a = publish(&mut t1, "t", Some("k"), 0);
+    let tx = diesel::sql_query("SELECT pg_current_xact_id()::text::bigint AS xid")
+        .get_result::<Xid>(&mut t1)
+        .expect("reading T1's xid")
+        .xid;
+    burn_xids_past_the_range_of(&mut conn, tx);
+    assert_eq!(reclaim(&mut conn).unwrap(), Vec::<i32>::new());
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+    execute(&mut t1, "COMMIT");
+
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [a]);
+    assert_eq!(
+        settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered)),
+        [a]
+    );
 }

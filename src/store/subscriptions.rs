@@ -62,7 +62,7 @@ pub(crate) fn wake_stranded(conn: &mut PgConnection) -> QueryResult<Vec<i64>> {
           WHERE d.available_at = 'infinity'
             AND NOT EXISTS (SELECT FROM outbox.deliveries x
                              WHERE x.subscription = d.subscription
-                               AND x.key = d.key AND (x.tx, x.id) < (d.tx, d.id))
+                               AND x.key = d.key AND x.seq < d.seq)
       RETURNING d.id",
     )
     .load::<Id>(conn)?

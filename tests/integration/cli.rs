@@ -175,7 +175,7 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line() {
         (bad_topic.status.code(), stderr(&bad_topic).as_str()),
         (Some(1), "error: invalid topic \"\": empty\n")
     );
-    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+    assert_eq!(count(&mut db.conn(), "outbox.pending"), 0);
 }
 
 #[test]
@@ -261,9 +261,15 @@ fn lease_and_backoff_flags_set_the_claim_and_the_retry_schedule() {
         }
         let row: Row = diesel::RunQueryDsl::get_result(
             diesel::sql_query(
-                "SELECT extract(epoch FROM available_at - now())::float8 AS left,
-                        claim_token IS NOT NULL AS held
-                   FROM outbox.events",
+                // Held: the lane's lease while the event is read from the
+                // log, the row's own lease once it is a retry.
+                "SELECT extract(epoch FROM at - now())::float8 AS left, held
+                   FROM (SELECT available_at AS at, token IS NOT NULL AS held
+                           FROM outbox.deliveries
+                         UNION ALL
+                         SELECT lease_until, true FROM outbox.cursors WHERE token IS NOT NULL) x
+                  ORDER BY held DESC
+                  LIMIT 1",
             ),
             &mut conn,
         )
@@ -336,12 +342,18 @@ fn an_unreachable_database_is_one_line_without_the_password() {
 #[test]
 fn an_unmigrated_database_says_to_migrate() {
     let db = pg::empty_db();
-    for args in [vec!["status"], vec!["relay", "--sink", "stdout", "--drain"]] {
+    for (args, relation) in [
+        (vec!["status"], "outbox.pending"),
+        (
+            vec!["relay", "--sink", "stdout", "--drain"],
+            "outbox.dead_letters",
+        ),
+    ] {
         let output = outbox(db.url(), &args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");
         assert_eq!(
             stderr(&output),
-            "error: database error: relation \"outbox.events\" does not exist (run `outbox migrate` first)\n",
+            format!("error: database error: relation \"{relation}\" does not exist (run `outbox migrate` first)\n"),
             "{args:?}"
         );
     }
@@ -428,10 +440,10 @@ fn dead_letters_list_show_replay_and_purge() {
     let db = pg::test_db();
     db.conn()
         .batch_execute(
-            "INSERT INTO outbox.dead_letters (id, topic, key, payload, headers, created_at, attempts, last_error, failed_at) VALUES
-               (11, 'email.send', 'c-1', '{\"to\": \"a@b.c\"}', '{\"traceparent\": \"00-abc-01\"}', now() - interval '3 hours', 25, 'gave up after 25 attempts: HTTP 503', now() - interval '2 hours'),
-               (12, 'email.send', NULL, '{\"to\": \"x@y.z\"}', '{}', now() - interval '1 hour', 1, 'permanent failure: HTTP 422', now() - interval '1 hour'),
-               (13, 'billing.paid', NULL, '{}', '{}', now() - interval '10 days', 3, 'gave up after 3 attempts: timeout', now() - interval '9 days')",
+            "INSERT INTO outbox.dead_letters (subscription, id, topic, key, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               ('default', 11, 'email.send', 'c-1', '{\"to\": \"a@b.c\"}', '{\"traceparent\": \"00-abc-01\"}', now() - interval '3 hours', 25, 'gave up after 25 attempts: HTTP 503', now() - interval '2 hours'),
+               ('default', 12, 'email.send', NULL, '{\"to\": \"x@y.z\"}', '{}', now() - interval '1 hour', 1, 'permanent failure: HTTP 422', now() - interval '1 hour'),
+               ('default', 13, 'billing.paid', NULL, '{}', '{}', now() - interval '10 days', 3, 'gave up after 3 attempts: timeout', now() - interval '9 days')",
         )
         .unwrap();
 
@@ -442,7 +454,7 @@ fn dead_letters_list_show_replay_and_purge() {
     let ids: Vec<&str> = table
         .lines()
         .skip(1)
-        .map(|l| l.split_whitespace().next().unwrap())
+        .map(|l| l.split_whitespace().nth(1).unwrap())
         .collect();
     assert_eq!(ids, ["12", "11"]);
     let json: serde_json::Value = serde_json::from_str(&stdout(&outbox(
@@ -485,7 +497,7 @@ fn dead_letters_list_show_replay_and_purge() {
         ],
     );
     assert_eq!(stdout(&dry), "would replay 2 dead letter(s)\n");
-    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+    assert_eq!(count(&mut db.conn(), "outbox.pending"), 0);
     let replayed = outbox(db.url(), &["dead-letters", "replay", "11"]);
     assert_eq!(stdout(&replayed), "replayed 1 dead letter(s)\n");
     let queued = outbox::queued_events(&mut db.conn(), 10).unwrap();
@@ -565,7 +577,7 @@ fn a_webhook_relay_retries_a_failing_endpoint_until_it_recovers_and_stops_on_sig
     assert_eq!(seen.recv_timeout(PATIENCE).unwrap(), ("1".to_owned(), 204));
     // Settled once the delivery is recorded; then stop it like a supervisor would.
     let deadline = std::time::Instant::now() + PATIENCE;
-    while count(&mut db.conn(), "outbox.events") > 0 {
+    while count(&mut db.conn(), "outbox.pending") > 0 {
         assert!(std::time::Instant::now() < deadline);
         let _ = seen.recv_timeout(Duration::from_millis(50));
     }
@@ -627,7 +639,9 @@ fn the_relay_serves_prometheus_metrics() {
             .call()
         {
             let body = response.body_mut().read_to_string().unwrap();
-            if body.contains("outbox_delivered_total") && body.contains("outbox_pending 0") {
+            if body.contains("outbox_delivered_total")
+                && body.contains(r#"outbox_pending{subscription="default"} 0"#)
+            {
                 break body;
             }
         }
@@ -637,11 +651,11 @@ fn the_relay_serves_prometheus_metrics() {
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let _ = relay.wait_with_output();
     assert!(
-        body.contains(r#"outbox_delivered_total{topic="order.approved"} 1"#),
+        body.contains(r#"outbox_delivered_total{subscription="default",topic="order.approved"} 1"#),
         "{body}"
     );
     assert!(
-        body.contains("outbox_oldest_pending_age_seconds 0"),
+        body.contains(r#"outbox_oldest_pending_age_seconds{subscription="default"} 0"#),
         "{body}"
     );
     assert!(body.contains("outbox_delivery_latency_seconds"), "{body}");
@@ -693,10 +707,18 @@ fn the_relay_names_the_session_whose_old_snapshot_pins_dead_rows() {
             let _ = lines.send(line.unwrap());
         }
     });
-    // 12,000 delivered rows the pinned snapshot keeps; the relay vacuums
-    // within a second or two of settling them and then looks why rows
-    // were left.
-    publish(&mut db.conn(), 12_000);
+    // 12,000 rows of outbox.deliveries come and go (as retries do) while
+    // the snapshot is pinned; the relay vacuums within a second or two of
+    // settling 1,200 events and then looks why rows were left.
+    db.conn()
+        .batch_execute(
+            "INSERT INTO outbox.deliveries (subscription, id, topic, payload, headers, created_at, available_at, reason)
+             SELECT 'default', g, 'pinned', '{}', '{}', now(), 'infinity', 'blocked'
+               FROM generate_series(1, 12000) g;
+             DELETE FROM outbox.deliveries;",
+        )
+        .unwrap();
+    publish(&mut db.conn(), 1_200);
     let deadline = std::time::Instant::now() + PATIENCE;
     let warning = loop {
         let line = warnings
@@ -711,7 +733,7 @@ fn the_relay_names_the_session_whose_old_snapshot_pins_dead_rows() {
     holder.batch_execute("COMMIT").unwrap();
     assert!(warning.contains(&format!("pid={pid}")), "{warning}");
     assert!(warning.contains("pg_terminate_backend"), "{warning}");
-    assert_eq!(count(&mut db.conn(), "outbox.events"), 0);
+    assert_eq!(count(&mut db.conn(), "outbox.pending"), 0);
 }
 
 #[test]
@@ -749,8 +771,8 @@ fn format_json_or_table_is_accepted_wherever_json_is() {
     let db = pg::test_db();
     db.conn()
         .batch_execute(
-            "INSERT INTO outbox.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
-               (11, 'email.send', '{}', '{}', '2026-11-28T10:00:00Z', 3, 'permanent failure: HTTP 422', '2026-11-28T11:00:00Z')",
+            "INSERT INTO outbox.dead_letters (subscription, id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               ('default', 11, 'email.send', '{}', '{}', '2026-11-28T10:00:00Z', 3, 'permanent failure: HTTP 422', '2026-11-28T11:00:00Z')",
         )
         .unwrap();
     for command in [
@@ -828,9 +850,9 @@ fn a_full_standard_output_is_one_error_line_for_every_command() {
     let db = pg::test_db();
     db.conn()
         .batch_execute(
-            "INSERT INTO outbox.dead_letters (id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
-               (11, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now()),
-               (12, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now())",
+            "INSERT INTO outbox.dead_letters (subscription, id, topic, payload, headers, created_at, attempts, last_error, failed_at) VALUES
+               ('default', 11, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now()),
+               ('default', 12, 'email.send', '{}', '{}', now(), 3, 'permanent failure: HTTP 422', now())",
         )
         .unwrap();
     for args in [

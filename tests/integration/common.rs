@@ -52,3 +52,10 @@ pub fn count(conn: &mut PgConnection, table: &str) -> i64 {
         .unwrap_or_else(|e| panic!("counting {table}: {e}"))
         .n
 }
+
+/// What is still owed to some subscription (`outbox.pending`): 0 means
+/// nothing is left to deliver. (`outbox.events` is a log now: delivered
+/// events stay in it until a whole segment is reclaimed.)
+pub fn pending(conn: &mut PgConnection) -> i64 {
+    count(conn, "outbox.pending")
+}

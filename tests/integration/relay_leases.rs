@@ -7,7 +7,7 @@ use std::time::Duration;
 use crossbeam_channel::bounded;
 use outbox::{DeliveryError, StoredEvent};
 
-use crate::common::count;
+use crate::common::{count, pending};
 use crate::relay_support::{recorder, setup, Recording, Signal, PATIENCE};
 
 #[test]
@@ -42,11 +42,13 @@ fn a_relay_that_lost_its_lease_cannot_dead_letter_what_another_delivered() {
         .route("*", recording.sink(|_| Ok(())))
         .start()
         .unwrap();
-    // Delivered by the rescuer once the lease expired: attempt 2.
+    // Delivered by the rescuer once the lease expired. (A row of the log
+    // taken over from a lapsed lease is claimed as a first attempt: the
+    // log keeps no count of claims.)
     bed.signals.until(|s| {
         s.contains(&Signal::Delivered {
             id: ids[0],
-            attempt: 2,
+            attempt: 1,
         })
     });
     release_tx.send(()).unwrap();
@@ -61,10 +63,10 @@ fn a_relay_that_lost_its_lease_cannot_dead_letter_what_another_delivered() {
     stalled.shutdown(PATIENCE).unwrap();
     rescuer.shutdown(PATIENCE).unwrap();
 
-    assert_eq!(recording.calls(), [(ids[0], 2)]);
+    assert_eq!(recording.calls(), [(ids[0], 1)]);
     let mut conn = bed.conn();
     assert_eq!(count(&mut conn, "outbox.dead_letters"), 0);
-    assert_eq!(count(&mut conn, "outbox.events"), 0);
+    assert_eq!(pending(&mut conn), 0);
 }
 
 #[test]
@@ -88,8 +90,11 @@ fn a_batch_slower_than_its_lease_renews_it_and_is_delivered_once() {
         )
         .start()
         .unwrap();
+    // One key, so one lane of the log: one claim takes all five.
     let ids = outbox::transaction(&mut bed.conn(), |tx| {
-        tx.publish_events((0..5).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n))))
+        tx.publish_events(
+            (0..5).map(|n| outbox::NewEvent::dynamic("t", serde_json::json!(n)).key("k")),
+        )
     })
     .unwrap();
     bed.signals.until(|s| {
@@ -113,5 +118,5 @@ fn a_batch_slower_than_its_lease_renews_it_and_is_delivered_once() {
         expected,
         "each event delivered once, by the slow relay"
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }

@@ -40,6 +40,88 @@ fn an_event_inserted_with_plain_sql_reads_back_through_the_library() {
     assert_eq!(event.decode::<OrderApproved>().unwrap(), approved(7));
     assert_eq!(event.headers["traceparent"], "00-abc-01");
     assert_eq!(event.attempts, 0);
+    // Owed to the default subscription, the only one there is.
+    assert_eq!(event.subscription, "default");
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct Column {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    set_by: String,
+}
+
+#[test]
+fn the_log_has_the_documented_columns_and_fills_in_what_publishers_leave_out() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let columns = diesel::sql_query(
+        "SELECT column_name::text AS name,
+                CASE WHEN is_generated = 'ALWAYS' THEN 'computed'
+                     WHEN is_identity = 'YES' THEN 'identity'
+                     WHEN column_default IS NOT NULL THEN 'default'
+                     WHEN is_nullable = 'YES' THEN 'optional'
+                     ELSE 'required' END AS set_by
+           FROM information_schema.columns
+          WHERE table_schema = 'outbox' AND table_name = 'events'
+          ORDER BY ordinal_position",
+    )
+    .load::<Column>(&mut conn)
+    .unwrap();
+    let expected = [
+        ("id", "identity"),
+        ("topic", "required"),
+        ("key", "optional"),
+        ("payload", "required"),
+        ("headers", "default"),
+        ("created_at", "default"),
+        ("available_at", "default"),
+        ("tx", "default"),
+        ("lane", "computed"),
+    ]
+    .map(|(name, set_by)| Column {
+        name: name.to_owned(),
+        set_by: set_by.to_owned(),
+    });
+    assert_eq!(columns, expected);
+    // The queue's columns are gone: nothing updates a row of the log.
+    for column in [
+        "attempts",
+        "last_error",
+        "claimed_by",
+        "claim_token",
+        "deferred",
+    ] {
+        let error = diesel::sql_query(format!("SELECT {column} FROM outbox.events"))
+            .execute(&mut conn)
+            .expect_err(column);
+        assert!(error.to_string().contains("does not exist"), "{error}");
+    }
+    // tx is the publishing transaction's, and lane follows the key.
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        ok: bool,
+    }
+    let ok = conn
+        .transaction(|conn| {
+            diesel::sql_query(PLAIN_INSERT).execute(conn)?;
+            diesel::sql_query(
+                "SELECT bool_and(tx = pg_current_xact_id()
+                                 AND lane = (hashtext(key) & 7)) AS ok
+                   FROM outbox.events",
+            )
+            .get_result::<Row>(conn)
+        })
+        .unwrap()
+        .ok;
+    assert!(ok);
+    let error =
+        diesel::sql_query("INSERT INTO outbox.events (topic, payload, lane) VALUES ('t', '{}', 0)")
+            .execute(&mut conn)
+            .expect_err("lane is computed");
+    assert!(error.to_string().contains("lane"), "{error}");
 }
 
 #[test]
@@ -157,7 +239,7 @@ fn every_table_and_column_is_commented() {
 }
 
 #[test]
-fn the_events_table_vacuums_after_a_fixed_number_of_dead_rows() {
+fn the_deliveries_table_vacuums_after_a_fixed_number_of_dead_rows() {
     #[derive(QueryableByName)]
     struct Options {
         #[diesel(sql_type = Text)]
@@ -165,9 +247,11 @@ fn the_events_table_vacuums_after_a_fixed_number_of_dead_rows() {
     }
     let db = pg::test_db();
     let mut conn = db.conn();
+    // outbox.deliveries is the queue now (the log is insert-only and
+    // reclaimed by TRUNCATE): it is vacuumed by a fixed count of dead rows.
     let options = diesel::sql_query(
         "SELECT array_to_string(reloptions, ',') AS options FROM pg_class
-          WHERE oid = 'outbox.events'::regclass",
+          WHERE oid = 'outbox.deliveries'::regclass",
     )
     .get_result::<Options>(&mut conn)
     .unwrap()

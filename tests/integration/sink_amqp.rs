@@ -10,7 +10,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
@@ -177,7 +177,7 @@ fn events_are_published_persistent_and_confirmed() {
             },
         ]
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn a_claimed_batch_is_published_in_one_call_and_confirmed_in_order() {
     let got: Vec<String> = broker.drain().into_iter().map(|g| g.message_id).collect();
     let expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
     assert_eq!(got, expected, "every event confirmed, in delivery order");
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use outbox::Sink;
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE};
 use crate::tcp_proxy::free_port;
 
@@ -113,7 +113,7 @@ fn events_are_published_and_acknowledged_on_prefix_dot_topic() {
             ),
         ]
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn a_claimed_batch_is_published_in_one_call_and_acknowledged_in_order() {
         .map(|n| (format!("{}.order.{n}", stream.prefix), ids[n].to_string()))
         .collect();
     assert_eq!(got, expected, "every event acknowledged, in delivery order");
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]

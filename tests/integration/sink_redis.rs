@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redis::Commands;
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{
     dead_letters, outage_then_recovery, setup, BatchSizes, RelayBed, Signal, PATIENCE,
 };
@@ -86,7 +86,7 @@ fn each_event_becomes_one_stream_entry_per_topic() {
         !shipped[0].contains_key("key"),
         "no key field for a keyless event"
     );
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn a_claimed_batch_is_one_pipeline_and_lands_in_order() {
     );
     let expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
     assert_eq!(got, expected, "every event appended, in delivery order");
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]

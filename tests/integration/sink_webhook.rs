@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use crossbeam_channel::{unbounded, Receiver};
 
-use crate::common::count;
+use crate::common::pending;
 use crate::relay_support::{dead_letters, retries, setup, RelayBed, Signal, PATIENCE};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -190,7 +190,7 @@ fn a_signed_delivery_carries_the_standard_webhooks_headers_and_body() {
         chrono::DateTime::parse_from_rfc3339(body["timestamp"].as_str().unwrap()).unwrap();
     assert!(timestamp <= chrono::Utc::now());
     assert!(hook.requests.try_recv().is_err(), "exactly one request");
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }
 
 #[test]
@@ -402,5 +402,5 @@ fn an_unreachable_endpoint_is_retried_with_backoff_until_it_comes_back() {
     assert_eq!(*id, ids[0]);
     assert!((4..=6).contains(attempt), "delivered at attempt {attempt}");
     assert_eq!(*requests.lock().unwrap(), 1);
-    assert_eq!(count(&mut bed.conn(), "outbox.events"), 0);
+    assert_eq!(pending(&mut bed.conn()), 0);
 }

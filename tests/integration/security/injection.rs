@@ -62,7 +62,7 @@ fn injection_strings_are_stored_delivered_and_dead_lettered_verbatim() {
     assert_eq!(received[0].payload, queued[0].payload);
     assert_eq!(received[0].headers, queued[0].headers);
 
-    let dead = outbox::dead_letters(&mut conn, Some(TOPIC), None, 10).unwrap();
+    let dead = outbox::dead_letters(&mut conn, None, Some(TOPIC), None, 10).unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(
         (
@@ -79,14 +79,22 @@ fn injection_strings_are_stored_delivered_and_dead_lettered_verbatim() {
     assert_eq!(dead[0].headers[HEADER], VALUE);
     let replayed = outbox::replay_dead_letters(
         &mut conn,
+        None,
         &outbox::Selection::Topic(TOPIC.into()),
         10,
         |_| {},
     )
     .unwrap();
     assert_eq!(replayed, 1);
-    // Inert: every table is still there, holding exactly what it should.
-    assert_eq!(count(&mut conn, "outbox.events"), 1);
+    // Inert: every table is still there, holding exactly what it should:
+    // the log both events, the replayed one owed again, no dead letter.
+    assert_eq!(count(&mut conn, "outbox.events"), 2);
+    let owed: Vec<_> = outbox::queued_events(&mut conn, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.topic, e.key))
+        .collect();
+    assert_eq!(owed, [(ids[1], TOPIC.to_owned(), Some(KEY.to_owned()))]);
     assert_eq!(count(&mut conn, "outbox.dead_letters"), 0);
 }
 

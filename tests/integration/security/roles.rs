@@ -24,14 +24,37 @@ const PUBLISHER: &[&str] = &[
 ];
 const RELAY: &[&str] = &[
     "GRANT USAGE ON SCHEMA outbox TO {role}",
-    "GRANT SELECT, UPDATE, DELETE ON outbox.events TO {role}",
+    // The log is read, never written: cursors move instead.
+    "GRANT SELECT ON outbox.events TO {role}",
+    // A relay registers its subscription (outbox.subscribe).
+    "GRANT SELECT, INSERT, UPDATE ON outbox.subscriptions TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON outbox.cursors TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.deliveries TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON outbox.dead_letters TO {role}",
     "GRANT USAGE ON SEQUENCE outbox.claim_tokens TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON outbox.relay_wakeup TO {role}",
+    // The command-line relay's --drain and metrics read what is owed.
+    "GRANT SELECT ON outbox.pending TO {role}",
+    // The claim reads the log segment by segment, and outbox.reclaim()
+    // locks and truncates the segments all subscriptions have passed.
+    "GRANT SELECT, TRUNCATE ON outbox.events_0 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_1 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_2 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_3 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_4 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_5 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_6 TO {role}",
+    "GRANT SELECT, TRUNCATE ON outbox.events_7 TO {role}",
 ];
 const OPERATOR: &[&str] = &[
     "GRANT USAGE ON SCHEMA outbox TO {role}",
     "GRANT SELECT, INSERT ON outbox.events TO {role}",
+    // Status reads what every subscription still owes.
+    "GRANT SELECT ON outbox.pending TO {role}",
+    // Listing and removing subscriptions.
+    "GRANT SELECT, DELETE ON outbox.subscriptions TO {role}",
+    // Replay sends dead letters back to their subscription.
+    "GRANT SELECT, INSERT ON outbox.deliveries TO {role}",
     // UPDATE: replay locks the rows it moves (SELECT … FOR UPDATE).
     "GRANT SELECT, UPDATE, DELETE ON outbox.dead_letters TO {role}",
 ];
@@ -139,10 +162,14 @@ fn a_publisher_can_only_insert_events() {
     for sql in [
         "SELECT payload FROM outbox.events",
         "SELECT count(*) FROM outbox.events WHERE topic = 'x'",
-        "UPDATE outbox.events SET attempts = 0",
+        "UPDATE outbox.events SET payload = '{}'",
         "DELETE FROM outbox.events",
+        "TRUNCATE outbox.events_0",
+        "SELECT * FROM outbox.deliveries",
+        "SELECT * FROM outbox.cursors",
+        "SELECT * FROM outbox.pending",
         "SELECT * FROM outbox.dead_letters",
-        "INSERT INTO outbox.dead_letters (id, topic, payload, headers, created_at, attempts, last_error) VALUES (9, 't', '{}', '{}', now(), 1, 'x')",
+        "INSERT INTO outbox.dead_letters (subscription, id, topic, payload, headers, created_at, attempts, last_error) VALUES ('default', 9, 't', '{}', '{}', now(), 1, 'x')",
         "SELECT nextval('outbox.claim_tokens')",
     ] {
         denied(&mut publisher, sql);
@@ -209,13 +236,14 @@ fn a_relay_role_delivers_retries_and_dead_letters_without_business_access() {
     let mut operator = bed.conn(2);
     let status = outbox::status(&mut operator).unwrap();
     assert_eq!((status.total.pending, status.total.dead_letters), (0, 1));
-    let dead = outbox::dead_letters(&mut operator, None, None, 10).unwrap();
+    let dead = outbox::dead_letters(&mut operator, None, None, None, 10).unwrap();
     assert_eq!(
         (dead[0].id, dead[0].last_error.as_str()),
         (ids[2], "permanent failure: never")
     );
     let replayed =
-        outbox::replay_dead_letters(&mut operator, &outbox::Selection::All, 10, |_| {}).unwrap();
+        outbox::replay_dead_letters(&mut operator, None, &outbox::Selection::All, 10, |_| {})
+            .unwrap();
     assert_eq!(replayed, 1);
     // The operator reads the queue but has no business access either.
     denied(&mut operator, "SELECT * FROM orders");
