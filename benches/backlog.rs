@@ -20,7 +20,7 @@
 //!
 //! `OUTBOX_BACKLOGS` (comma-separated, default `10000,1000000`) picks the
 //! sizes; `10000,1000000,10000000` adds 10M, which takes several minutes
-//! and about 6 GB (log and queue) to fill.
+//! and several GB (log and queue) to fill.
 //!
 //! `DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench --bench backlog`
 

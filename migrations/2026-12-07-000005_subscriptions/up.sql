@@ -1069,6 +1069,7 @@ DECLARE
     horizon bigint;
     cur_range bigint := pg_snapshot_xmax(snap)::text::bigint >> 14;
     newest bigint;
+    cur_now bigint;
     filled boolean;
 BEGIN
     -- Cursors of another cluster (a restore): their snapshots say nothing
@@ -1102,6 +1103,13 @@ BEGIN
         CONTINUE WHEN NOT filled;
         BEGIN
             EXECUTE format('LOCK TABLE outbox.events_%s IN ACCESS EXCLUSIVE MODE NOWAIT', s);
+            -- A transaction that began after snap may have an id of the
+            -- next range, which is this segment's when cur_range was the
+            -- last of the 8 before it wrapped: its rows (committed before
+            -- the lock) are not below the horizon. Look again now that
+            -- nobody can write here.
+            cur_now := pg_snapshot_xmax(pg_current_snapshot())::text::bigint >> 14;
+            CONTINUE WHEN cur_now - ((cur_now - s) & 7) <> newest;
             EXECUTE format('TRUNCATE outbox.events_%s', s);
             RETURN NEXT s;
         EXCEPTION WHEN lock_not_available THEN

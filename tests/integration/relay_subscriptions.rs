@@ -11,9 +11,12 @@ use outbox::{DeliveryError, EventId, StoredEvent};
 use crate::common::count;
 use crate::relay_support::{count_delivered, setup, Signal, PATIENCE};
 
-/// Every sink call of every subscription: (subscription, id, key, attempt).
+/// One sink call: (subscription, id, key, attempt).
+type Call = (String, EventId, Option<String>, i32);
+
+/// Every sink call of every subscription, in call order.
 #[derive(Clone, Default)]
-struct Calls(Arc<Mutex<Vec<(String, EventId, Option<String>, i32)>>>);
+struct Calls(Arc<Mutex<Vec<Call>>>);
 
 impl Calls {
     /// A sink for subscription `name` that records each call, then answers
@@ -45,7 +48,7 @@ impl Calls {
         per
     }
 
-    fn all(&self) -> Vec<(String, EventId, Option<String>, i32)> {
+    fn all(&self) -> Vec<Call> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -97,10 +100,7 @@ fn publish_orders(conn: &mut PgConnection, n: usize) -> Vec<(EventId, Option<Str
 
 /// Asserts that, for each subscription, the first successful call of each
 /// key's events came in commit order.
-fn assert_key_order(
-    calls: &[(String, EventId, Option<String>, i32)],
-    published: &[(EventId, Option<String>)],
-) {
+fn assert_key_order(calls: &[Call], published: &[(EventId, Option<String>)]) {
     let mut seen: BTreeMap<(String, String), Vec<EventId>> = BTreeMap::new();
     for (name, id, key, _) in calls {
         if let Some(key) = key {
