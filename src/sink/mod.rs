@@ -29,11 +29,12 @@ pub use webhook::{WebhookBuilder, WebhookSink};
 /// handler.
 ///
 /// The contract:
-/// - **It may block.** Each relay worker calls its sinks one event at a
-///   time on its own thread. A call should finish within half the relay's
-///   lease duration (time out your own I/O below it): the relay renews the
-///   lease between calls, but it cannot interrupt one, and if the lease runs
-///   out another relay may deliver the same events again.
+/// - **It may block.** Each relay worker calls its sinks one call at a
+///   time on its own thread (one event per call, or several for a sink
+///   that takes batches: see below). A call should finish within half the
+///   relay's lease duration (time out your own I/O below it): the relay
+///   renews the lease between calls, but it cannot interrupt one, and if
+///   the lease runs out another relay may deliver the same events again.
 /// - **It receives the stable event id** (`event.id`) to pass on for
 ///   deduplication, and **the attempt number** (`event.attempts`, 1 for the
 ///   first try).
