@@ -116,6 +116,27 @@ impl Signals {
     }
 }
 
+/// Waits for `n` deliveries; returns the size of every batch claimed until
+/// then and the ids delivered, in delivery order.
+pub fn claimed_and_delivered(bed: &RelayBed, n: usize) -> (Vec<usize>, Vec<EventId>) {
+    let seen = bed.signals.until(|s| count_delivered(s) >= n);
+    let claimed = seen
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Claimed(ids) => Some(ids.len()),
+            _ => None,
+        })
+        .collect();
+    let delivered = seen
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Delivered { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    (claimed, delivered)
+}
+
 /// Every retry signal as (attempt, delay, error), in order.
 pub fn retries(signals: &[Signal]) -> Vec<(i32, Duration, String)> {
     signals

@@ -130,7 +130,7 @@ fn publishers_do_not_notify_while_the_relay_is_busy() {
         .execute(&mut listener)
         .unwrap();
     let notifications = listener.notifications_iter().count();
-    // Until the relay has claimed 100 events within 100 ms (1,000/s), it
+    // Until the relay has claimed 50 events within 100 ms (500/s), it
     // keeps notifications on; then the listener clears the flag on the next
     // one, and the commits in flight until then notify too. After that the
     // relay finds each next event by polling (it pauses at most 64 ms
