@@ -49,6 +49,17 @@ mod survival;
 #[path = "../integration/tcp_proxy.rs"]
 mod tcp_proxy;
 
+/// Held by each test of this binary while it runs: the outage test compares
+/// latencies before and during an outage, which another test loading the
+/// machine in only one of the two phases would skew, and two chaos runs at
+/// once would only measure the machine.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// An environment knob, or its CI default.
 fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {

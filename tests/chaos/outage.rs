@@ -70,6 +70,7 @@ fn fewest_attempts(window: Duration) -> u32 {
 
 #[test]
 fn one_subscribers_outage_neither_slows_the_others_nor_loses_anything() {
+    let _alone = crate::one_at_a_time();
     let outage = Duration::from_secs(knob("OUTBOX_OUTAGE_SECS", 60));
     let db = pg::test_db();
     let mut conn = db.conn();

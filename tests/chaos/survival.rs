@@ -32,6 +32,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[test]
 fn chaos_loses_nothing() {
+    let _alone = crate::one_at_a_time();
     let started = Instant::now();
     let keys: usize = knob("OUTBOX_CHAOS_KEYS", 200);
     let plan = Plan {
