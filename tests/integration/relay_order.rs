@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use outbox::{DeliveryError, EventId, StoredEvent};
 
@@ -86,7 +87,13 @@ fn a_later_event_of_a_key_waits_for_the_retry_while_keyless_events_pass() {
         .route("*", move |e: &StoredEvent| {
             log.lock().unwrap().push((e.id, e.attempts));
             if e.key.is_some() && e.payload["n"] == 0 && e.attempts == 1 {
-                return Err(DeliveryError::transient("first try fails"));
+                // Long enough that an event waiting for the retry would be
+                // seen to wait: another worker reads the keyless event's
+                // lane meanwhile.
+                return Err(DeliveryError::retry_after(
+                    Duration::from_millis(500),
+                    "first try fails",
+                ));
             }
             Ok(())
         })
