@@ -136,9 +136,28 @@ pub fn account_for_duplicates(
         assert!(
             near_outage(first.at),
             "event {id} was delivered {} times, first by relay {} which was not killed \
-             soon after, and not near a termination or a restart",
+             soon after, and not near a termination or a restart; its attempts \
+             (relay, status, ms after the first): {:?}; the disruptions (ms after \
+             the first attempt): {:?}",
             times.len(),
-            first.relay
+            first.relay,
+            attempts
+                .iter()
+                .filter(|a| a.id == *id)
+                .map(|a| (
+                    a.relay.as_str(),
+                    a.status,
+                    a.at.saturating_duration_since(first.at).as_millis()
+                ))
+                .collect::<Vec<_>>(),
+            disruptions
+                .iter()
+                .map(|(at, d)| (
+                    at.saturating_duration_since(first.at).as_millis() as i128
+                        - first.at.saturating_duration_since(*at).as_millis() as i128,
+                    d
+                ))
+                .collect::<Vec<_>>()
         );
     }
     let bound = (kills as usize + outages as usize * RELAYS) * WORKERS * BATCH as usize;
