@@ -1088,7 +1088,11 @@ BEGIN
                AND pg_snapshot_xmax(c.hi) < pg_snapshot_xmax(snap)
                AND NOT outbox.lane_has_news(c, snap)
                FOR UPDATE SKIP LOCKED) idle
-     WHERE k.subscription = idle.subscription AND k.lane = idle.lane;
+     WHERE k.subscription = idle.subscription AND k.lane = idle.lane
+       -- Only ever forward, and only a lane nobody holds, whatever a claim
+       -- or settle committed since this function's snapshot was taken.
+       AND k.done AND k.token IS NULL
+       AND pg_snapshot_xmax(k.hi) < pg_snapshot_xmax(snap);
 
     horizon := least((SELECT min(pg_snapshot_xmin(c.lo)::text::bigint) FROM outbox.cursors c),
                      pg_snapshot_xmin(snap)::text::bigint);

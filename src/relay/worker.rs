@@ -247,6 +247,14 @@ impl Worker {
             let _ = served.wake_tx.try_send(());
         }
         Counters::add(&shared.counters.claimed, claimed.rows.len());
+        {
+            let mut seen = std::collections::HashMap::new();
+            for row in &claimed.rows {
+                if let Some(first) = seen.insert(row.event_id(), row.place()) {
+                    tracing::error!(relay = %shared.name, subscription = %served.name, id = %row.event_id(), first = ?first, again = ?row.place(), lane = ?claimed.lane, "a claimed batch holds an event twice");
+                }
+            }
+        }
         let mut events = Vec::with_capacity(claimed.rows.len());
         let mut places = Vec::with_capacity(claimed.rows.len());
         let mut unreadable = Vec::new();

@@ -155,6 +155,11 @@ pub(crate) fn claim(
 }
 
 impl ClaimedRow {
+    /// The event's id.
+    pub(crate) fn event_id(&self) -> EventId {
+        EventId(self.id)
+    }
+
     /// Where the row lives, for the settle.
     pub(crate) fn place(&self) -> Place {
         match self.seq {
