@@ -137,8 +137,8 @@ pub fn account_for_duplicates(
             near_outage(first.at),
             "event {id} was delivered {} times, first by relay {} which was not killed \
              soon after, and not near a termination or a restart; its attempts \
-             (relay, status, ms after the first): {:?}; the disruptions (ms after \
-             the first attempt): {:?}",
+             (relay, attempt header, status, ms after the first): {:?}; the \
+             disruptions (ms after the first attempt): {:?}",
             times.len(),
             first.relay,
             attempts
@@ -146,6 +146,7 @@ pub fn account_for_duplicates(
                 .filter(|a| a.id == *id)
                 .map(|a| (
                     a.relay.as_str(),
+                    a.attempt,
                     a.status,
                     a.at.saturating_duration_since(first.at).as_millis()
                 ))

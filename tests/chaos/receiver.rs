@@ -18,6 +18,8 @@ pub struct Attempt {
     pub key: Option<String>,
     /// The `chaos-relay` header: which relay process sent it.
     pub relay: String,
+    /// The `outbox-attempt` header: the relay's attempt number.
+    pub attempt: u32,
     pub status: u16,
     pub at: Instant,
 }
@@ -115,6 +117,9 @@ fn serve(
             .expect("a webhook-id header with the event id");
         let key = header("outbox-key");
         let relay = header("chaos-relay").unwrap_or_default();
+        let attempt = header("outbox-attempt")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
         let mut body = String::new();
         let _ = request.as_reader().read_to_string(&mut body);
         let poison = serde_json::from_str::<serde_json::Value>(&body)
@@ -133,6 +138,7 @@ fn serve(
             id,
             key,
             relay,
+            attempt,
             status,
             at: Instant::now(),
         });
