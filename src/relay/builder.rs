@@ -136,7 +136,8 @@ impl RelayBuilder {
     ///
     /// ```no_run
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool: outbox::PgPool = unimplemented!();
+    /// # let manager = diesel::r2d2::ConnectionManager::new("postgres://localhost/app");
+    /// # let pool = diesel::r2d2::Pool::builder().build_unchecked(manager);
     /// let relay = outbox::Relay::builder(pool)
     ///     .subscribe("email", &["order.approved"], |event: &outbox::StoredEvent| {
     ///         println!("email for {}", event.id);
