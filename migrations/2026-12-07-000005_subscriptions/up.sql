@@ -586,6 +586,14 @@ BEGIN
            AND (k.lease_until IS NULL OR k.lease_until <= now())
            FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
+        -- The locked row is the latest version, which a claim and settle
+        -- may have committed after now_snap was taken: its hi can be newer
+        -- than now_snap. A window opened from it to now_snap would end
+        -- before it starts, and saving that hi would move the cursor back
+        -- (the events committed between the two were read again: chaos
+        -- found duplicates). A snapshot taken now is newer than any
+        -- version this lock can return.
+        now_snap := pg_current_snapshot();
         -- Read windows until something is to be delivered, the log is used
         -- up, or a few windows of other topics have been passed over.
         FOR round IN 1..8 LOOP

@@ -1107,3 +1107,109 @@ fn reclaim_neither_skips_nor_truncates_an_open_transactions_event() {
         [a]
     );
 }
+
+/// The lane of `key` (`outbox.events.lane`).
+fn lane_of(conn: &mut PgConnection, key: &str) -> usize {
+    #[derive(QueryableByName)]
+    struct Lane {
+        #[diesel(sql_type = Integer)]
+        lane: i32,
+    }
+    let lane = diesel::sql_query("SELECT hashtext($1) & 7 AS lane")
+        .bind::<Text, _>(key)
+        .get_result::<Lane>(conn)
+        .expect("computing a lane")
+        .lane;
+    usize::try_from(lane).expect("lanes are 0 to 7")
+}
+
+/// A claim whose snapshot is older than a claim and settle of the same lane
+/// that commit while it looks (chaos found this): it locks the lane's
+/// newest version, whose window ends after its own snapshot. Opening the
+/// next window from there to its old snapshot would move the cursor back,
+/// and the events committed in between would be delivered again.
+///
+/// The claim is stopped, snapshot taken, while it reads the log (the test
+/// holds a segment no publish of this test writes to); meanwhile an event
+/// commits and the lane's cursor moves past it, as another relay's claim
+/// and settle leave it.
+#[test]
+fn a_claim_with_an_older_snapshot_never_moves_a_cursor_back() {
+    let db = pg::test_db();
+    let (mut holder, mut conn, mut observer) = (db.conn(), db.conn(), db.conn());
+    let lane = lane_of(&mut conn, "k");
+    let first = publish(&mut conn, "t", Some("k"), 0);
+
+    #[derive(QueryableByName)]
+    struct Segment {
+        #[diesel(sql_type = Integer)]
+        segment: i32,
+    }
+    // Four ranges of 2^14 xids away from every xid this test assigns.
+    let idle = diesel::sql_query(
+        "SELECT (((pg_snapshot_xmax(pg_current_snapshot())::text::bigint >> 14) + 4) & 7)::int
+                AS segment",
+    )
+    .get_result::<Segment>(&mut conn)
+    .expect("choosing a segment")
+    .segment;
+    execute(&mut holder, "BEGIN");
+    execute(
+        &mut holder,
+        &format!("LOCK TABLE outbox.events_{idle} IN ACCESS EXCLUSIVE MODE"),
+    );
+
+    let url = db.url().to_owned();
+    let looking = std::thread::spawn(move || {
+        let mut late = PgConnection::establish(&url).expect("connecting");
+        let pid = backend_pid(&mut late);
+        (
+            pid,
+            claim_as(&mut late, DEFAULT, lane, "late", 50, LEASE, &everything()),
+        )
+    });
+    // Its pid is only known once it returns; any session of the database
+    // other than ours waiting for a lock is the late claim.
+    let late_pid = loop {
+        #[derive(QueryableByName)]
+        struct Waiting {
+            #[diesel(sql_type = Nullable<Integer>)]
+            pid: Option<i32>,
+        }
+        let waiting = diesel::sql_query(
+            "SELECT min(pid) AS pid FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .get_result::<Waiting>(&mut observer)
+        .expect("reading pg_stat_activity");
+        if let Some(pid) = waiting.pid {
+            break pid;
+        }
+        std::thread::yield_now();
+    };
+
+    // While it waits: a second event commits, and another relay reads and
+    // settles both (its window ends at a snapshot newer than the claim's).
+    let second = publish(&mut conn, "t", Some("k"), 0);
+    diesel::sql_query(
+        "UPDATE outbox.cursors
+            SET lo = hi, hi = pg_current_snapshot(), pos_tx = '0', pos_id = 0, done = true
+          WHERE subscription = $1 AND lane = $2",
+    )
+    .bind::<Text, _>(DEFAULT)
+    .bind::<Integer, _>(i32::try_from(lane).expect("lane"))
+    .execute(&mut conn)
+    .expect("settling the lane as another relay would");
+    execute(&mut holder, "COMMIT");
+
+    let (pid, late) = looking.join().expect("the late claim");
+    assert_eq!(pid, late_pid);
+    assert_eq!(late.ids(), Vec::<i64>::new(), "both were settled already");
+    let again = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(
+        again.ids(),
+        Vec::<i64>::new(),
+        "{first} and {second} were settled; nothing is read twice"
+    );
+    assert_eq!(parked(&mut conn, DEFAULT), []);
+}
