@@ -531,7 +531,8 @@ COMMENT ON FUNCTION outbox.queue_rows(text, integer, xid8[], bigint[], text[], b
 --   subscription and topics, FOR NO KEY UPDATE SKIP LOCKED, leased with
 --   the same token.
 -- * When the batch is not full, one more row (id 0) says in how many
---   microseconds the next deliveries row comes due.
+--   microseconds the next deliveries row comes due, or 1 ms when a lane
+--   that had news was locked by someone else (see contended below).
 CREATE FUNCTION outbox.claim(p_subscription text, p_lane integer, p_relay text,
                              p_limit integer, p_lease_us bigint,
                              p_all boolean, p_exact text[], p_like text[])
@@ -561,6 +562,8 @@ DECLARE
     opened boolean;
     irregular boolean;
     l integer;
+    contended boolean := false;
+    due_us bigint;
 BEGIN
     SELECT * INTO sub FROM outbox.subscriptions s WHERE s.name = p_subscription;
     IF NOT FOUND THEN
@@ -585,7 +588,15 @@ BEGIN
          WHERE k.subscription = p_subscription AND k.lane = l
            AND (k.lease_until IS NULL OR k.lease_until <= now())
            FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        IF NOT FOUND THEN
+            -- Locked by a claim, a settle or outbox.reclaim (or leased
+            -- since the look). A claim holding it may not see what woke
+            -- this one (its snapshot can be older), and reclaim delivers
+            -- nothing: look again in a moment, or the news waits for the
+            -- poll.
+            contended := true;
+            CONTINUE;
+        END IF;
         -- The locked row is the latest version, which a claim and settle
         -- may have committed after now_snap was taken: its hi can be newer
         -- than now_snap. A window opened from it to now_snap would end
@@ -757,17 +768,21 @@ BEGIN
     END IF;
 
     IF got < p_limit THEN
-        RETURN QUERY
-        SELECT 0::bigint, NULL::smallint, NULL::bigint, NULL::bigint, 0::bigint, ''::text,
-               NULL::text, ''::text, ''::text, now(), now(), 0, NULL::text,
-               ceil(extract(epoch FROM n.available_at - now()) * 1e6)::bigint
-          FROM (SELECT d.available_at
-                  FROM outbox.deliveries d
-                 WHERE d.subscription = p_subscription
-                   AND d.available_at > now() AND d.available_at < 'infinity'
-                   AND (p_all OR d.topic = ANY (p_exact) OR d.topic LIKE ANY (p_like))
-                 ORDER BY d.available_at
-                 LIMIT 1) n;
+        due_us := (SELECT ceil(extract(epoch FROM d.available_at - now()) * 1e6)::bigint
+                     FROM outbox.deliveries d
+                    WHERE d.subscription = p_subscription
+                      AND d.available_at > now() AND d.available_at < 'infinity'
+                      AND (p_all OR d.topic = ANY (p_exact) OR d.topic LIKE ANY (p_like))
+                    ORDER BY d.available_at
+                    LIMIT 1);
+        IF contended THEN
+            due_us := least(due_us, 1000);  -- least() ignores NULL
+        END IF;
+        IF due_us IS NOT NULL THEN
+            RETURN QUERY
+            SELECT 0::bigint, NULL::smallint, NULL::bigint, NULL::bigint, 0::bigint, ''::text,
+                   NULL::text, ''::text, ''::text, now(), now(), 0, NULL::text, due_us;
+        END IF;
     END IF;
 END
 $$;

@@ -14,7 +14,8 @@ use crate::event::{EventId, StoredEvent};
 /// A claimed batch: its fencing token, the lane whose cursor it holds (if
 /// it took rows of the log), its rows in delivery order, and, when the
 /// batch was not full, how long until the next retry or delayed event of
-/// the subscription comes due.
+/// the subscription comes due (1 ms at most when a lane with news was
+/// locked by someone else: look again then).
 pub(crate) struct Claimed {
     pub(crate) token: i64,
     pub(crate) lane: Option<i16>,
@@ -72,7 +73,8 @@ pub(crate) struct ClaimedRow {
     #[diesel(sql_type = Nullable<Text>)]
     last_error: Option<String>,
     /// Only on the one row that is not an event (`id` 0): microseconds
-    /// until the next deliveries row comes due.
+    /// until the next deliveries row comes due, or until a lane locked by
+    /// someone else should be looked at again.
     #[diesel(sql_type = Nullable<BigInt>)]
     next_due_in_us: Option<i64>,
 }

@@ -1213,3 +1213,35 @@ fn a_claim_with_an_older_snapshot_never_moves_a_cursor_back() {
     );
     assert_eq!(parked(&mut conn, DEFAULT), []);
 }
+
+/// A claim that finds a lane with news locked (by `outbox.reclaim`, or by a
+/// claim whose snapshot may be older than the news) asks to look again in
+/// a moment: the worker woken for that news is the only one that knows of
+/// it, and would otherwise sleep until the poll (an hour in the wake-up
+/// tests, which found this).
+#[test]
+fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
+    let db = pg::test_db();
+    let (mut holder, mut conn) = (db.conn(), db.conn());
+    let lane = lane_of(&mut conn, "k");
+    execute(&mut holder, "BEGIN");
+    diesel::sql_query(
+        "SELECT 1 FROM outbox.cursors WHERE subscription = $1 AND lane = $2 FOR UPDATE",
+    )
+    .bind::<Text, _>(DEFAULT)
+    .bind::<Integer, _>(i32::try_from(lane).expect("lane"))
+    .execute(&mut holder)
+    .expect("holding the lane as outbox.reclaim does");
+    let id = publish(&mut conn, "t", Some("k"), 0);
+
+    let claimed = claim(&mut conn, DEFAULT, lane, "r", 50, LEASE, &everything()).expect("claim");
+    assert!(claimed.rows.is_empty());
+    let again = claimed.next_due_in.expect("a time to look again");
+    assert!(again <= Duration::from_millis(1), "{again:?}");
+
+    execute(&mut holder, "COMMIT");
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [id]);
+    let nothing = claim(&mut conn, DEFAULT, lane, "r", 50, LEASE, &everything()).expect("claim");
+    assert_eq!(nothing.next_due_in, None, "nothing locked, nothing due");
+}
