@@ -53,8 +53,9 @@ pub(super) fn run(shared: Arc<Shared>, url: String, wake: Vec<Sender<()>>, shutd
                     }
                     match listener.wait(WAIT_SLICE) {
                         Ok(0) => {}
-                        Ok(_) => {
+                        Ok(notifications) => {
                             wake_all(&wake);
+                            shared.wakeup.notified(notifications);
                             // After the wake-up, so the claim does not wait
                             // for it. Publishers stop notifying now; this
                             // relay re-arms once its workers sleep again.

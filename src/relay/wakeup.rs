@@ -3,7 +3,9 @@
 //!
 //! A NOTIFY serializes publishers' commits (docs/design.md), which costs
 //! something only when many commit at once. So the relay watches the rate
-//! at which it claims events:
+//! of events: what it claims, and the notifications it hears (one per
+//! publishing statement while they are on, which tells a burst at once,
+//! before the claims catch up):
 //!
 //! - Below [`NOTIFY_BELOW`] events/s (most applications, most of the time)
 //!   it keeps `outbox.relay_wakeup` *armed*, so every commit notifies, and
@@ -64,11 +66,15 @@ pub(crate) struct Wakeup {
     rate: Mutex<Rate>,
 }
 
-/// Claimed events counted per [`RATE_WINDOW`], and the mode they decided.
+/// Events counted per [`RATE_WINDOW`], and the mode they decided.
 #[derive(Debug)]
 struct Rate {
     window_start: Instant,
     claimed: u64,
+    /// Notifications heard: while the flag is armed, one per publishing
+    /// statement. They tell the publishers' rate at once, where claims
+    /// trail it while notified workers wake one claim at a time.
+    notified: u64,
     notify: bool,
 }
 
@@ -82,30 +88,24 @@ impl Wakeup {
             rate: Mutex::new(Rate {
                 window_start: Instant::now(),
                 claimed: 0,
+                notified: 0,
                 notify: true,
             }),
         }
     }
 
-    /// A claim took `events`. Decides the mode once per window, and at once
-    /// when this window alone already passes [`POLL_ABOVE`].
+    /// A claim took `events`.
     pub(crate) fn claimed(&self, events: usize) {
         let mut rate = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
         rate.claimed += events as u64;
-        let elapsed = rate.window_start.elapsed();
-        if rate.claimed as f64 > POLL_ABOVE * RATE_WINDOW.as_secs_f64() {
-            rate.notify = false;
-        }
-        if elapsed >= RATE_WINDOW {
-            let per_second = rate.claimed as f64 / elapsed.as_secs_f64();
-            if per_second < NOTIFY_BELOW {
-                rate.notify = true;
-            } else if per_second > POLL_ABOVE {
-                rate.notify = false;
-            }
-            rate.window_start = Instant::now();
-            rate.claimed = 0;
-        }
+        rate.decide();
+    }
+
+    /// The listener heard `notifications`.
+    pub(crate) fn notified(&self, notifications: usize) {
+        let mut rate = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        rate.notified += notifications as u64;
+        rate.decide();
     }
 
     /// Whether the relay keeps notifications on and waits for them (a
@@ -159,6 +159,29 @@ impl Wakeup {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take()
                 .is_some()
+    }
+}
+
+impl Rate {
+    /// Decides the mode from the larger of the two counts: once per window,
+    /// and at once when this window alone already passes [`POLL_ABOVE`].
+    fn decide(&mut self) {
+        let events = self.claimed.max(self.notified);
+        if events as f64 > POLL_ABOVE * RATE_WINDOW.as_secs_f64() {
+            self.notify = false;
+        }
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= RATE_WINDOW {
+            let per_second = events as f64 / elapsed.as_secs_f64();
+            if per_second < NOTIFY_BELOW {
+                self.notify = true;
+            } else if per_second > POLL_ABOVE {
+                self.notify = false;
+            }
+            self.window_start = Instant::now();
+            self.claimed = 0;
+            self.notified = 0;
+        }
     }
 }
 
@@ -295,6 +318,29 @@ mod tests {
         let times = schedule.times.lock().unwrap();
         assert_eq!(times.len(), Schedule::CAPACITY);
         assert_eq!(*times.last().unwrap(), now + Duration::from_secs(63));
+    }
+
+    #[test]
+    fn a_burst_of_notifications_turns_them_off_before_the_claims_catch_up() {
+        let wakeup = Wakeup::new(true, 2);
+        assert!(wakeup.notify_mode());
+        // Within one window: 30 claimed, but 51 publishing statements heard.
+        wakeup.claimed(30);
+        wakeup.notified(50);
+        assert!(
+            wakeup.notify_mode(),
+            "50 in a window is the mark, not above it"
+        );
+        wakeup.notified(1);
+        assert!(!wakeup.notify_mode());
+        // The first look after the window closes it (still above the mark);
+        // a window with nothing heard or claimed turns them on again.
+        std::thread::sleep(RATE_WINDOW);
+        wakeup.claimed(0);
+        assert!(!wakeup.notify_mode());
+        std::thread::sleep(RATE_WINDOW);
+        wakeup.claimed(0);
+        assert!(wakeup.notify_mode());
     }
 
     #[test]
