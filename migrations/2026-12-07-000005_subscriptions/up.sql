@@ -897,6 +897,9 @@ DECLARE
     q_delay bigint[];
     q_error text[];
     locked boolean := false;
+    cut_tx xid8;
+    cut_id bigint;
+    cut boolean;
 BEGIN
     -- The common case: a batch of the log with nothing to park, all
     -- delivered.
@@ -920,6 +923,26 @@ BEGIN
            FOR UPDATE;
         IF FOUND THEN
             SELECT * INTO sub FROM outbox.subscriptions s WHERE s.name = p_subscription;
+            -- A relay that stops puts back the batch's tail it did not
+            -- attempt. That tail stays in the log: the cursor stops after
+            -- the last row attempted (or where it was, if none was), and
+            -- the next claim reads the tail again. Copied to
+            -- outbox.deliveries instead, each of its keys would block every
+            -- later event of the key behind it, and the subscription would
+            -- drain those keys row by row through that table (a restart in
+            -- front of a keyed backlog of 1M made settles take seconds).
+            SELECT x.tx::text::xid8, x.id INTO cut_tx, cut_id
+              FROM unnest(seqs, txs, ids, verdicts) AS x(seq, tx, id, verdict)
+             WHERE x.seq IS NULL AND x.verdict <> 'release'
+             ORDER BY x.tx DESC, x.id DESC
+             LIMIT 1;
+            IF NOT FOUND THEN
+                cut_tx := c.pos_tx;
+                cut_id := c.pos_id;
+            END IF;
+            cut := EXISTS (SELECT FROM unnest(seqs, txs, ids, verdicts) AS x(seq, tx, id, verdict)
+                            WHERE x.seq IS NULL AND x.verdict = 'release'
+                              AND (x.tx::text::xid8, x.id) > (cut_tx, cut_id));
             -- What goes to outbox.deliveries, in one call so that a key's
             -- rows keep their order: the batch's retries, held and released
             -- rows, and the rows the claim did not return (the same window
@@ -930,6 +953,7 @@ BEGIN
                   FROM unnest(seqs, txs, ids, verdicts, delays_us, errors)
                        AS x(seq, tx, id, verdict, delay_us, error)
                  WHERE x.seq IS NULL
+                   AND (NOT cut OR (x.tx::text::xid8, x.id) <= (cut_tx, cut_id))
             ), parked AS (
                 SELECT w.tx, w.id, 'parked'::text AS verdict, 0::bigint AS delay_us,
                        NULL::text AS error
@@ -937,6 +961,7 @@ BEGIN
                                    ELSE '{}'::outbox.events[] END) w
                  WHERE (sub.all_topics OR w.topic = ANY (sub.exact_topics)
                         OR w.topic LIKE ANY (sub.like_topics))
+                   AND (NOT cut OR (w.tx, w.id) <= (cut_tx, cut_id))
                    AND NOT EXISTS (SELECT FROM item i WHERE i.tx = w.tx AND i.id = w.id)
             ), queued AS (
                 SELECT * FROM item WHERE verdict IN ('retry', 'held', 'release')
@@ -975,7 +1000,9 @@ BEGIN
               FROM unnest(seqs, ids) AS x(seq, id)
              WHERE x.seq IS NULL;
             UPDATE outbox.cursors k
-               SET pos_tx = c.batch_tx, pos_id = c.batch_id, done = c.batch_done,
+               SET pos_tx = CASE WHEN cut THEN cut_tx ELSE c.batch_tx END,
+                   pos_id = CASE WHEN cut THEN cut_id ELSE c.batch_id END,
+                   done = NOT cut AND c.batch_done,
                    batch_tx = NULL, batch_id = NULL, batch_n = NULL, batch_done = NULL,
                    batch_parked = NULL, claimed_by = NULL, token = NULL, lease_until = NULL
              WHERE k.subscription = p_subscription AND k.lane = p_lane;

@@ -516,10 +516,20 @@ impl Model {
         }
         let mut waiting = BTreeSet::new();
         let mut verdicts = Vec::new();
-        for row in &hand.batch.rows {
+        // Now and then the relay stops during the batch: it puts back the
+        // rest unattempted.
+        let stops_at = if self.rng.random_bool(0.1) {
+            self.rng.random_range(0..=hand.batch.rows.len())
+        } else {
+            usize::MAX
+        };
+        for (n, row) in hand.batch.rows.iter().enumerate() {
             let id = row.id;
             let key = self.events[&id].key;
-            let verdict = if key.is_some_and(|k| waiting.contains(k)) {
+            let verdict = if n >= stops_at {
+                self.stats.released += 1;
+                Verdict::Release
+            } else if key.is_some_and(|k| waiting.contains(k)) {
                 self.stats.held += 1;
                 Verdict::Held
             } else if !hand.holds(id) {

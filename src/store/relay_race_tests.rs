@@ -1245,3 +1245,54 @@ fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
     let nothing = claim(&mut conn, DEFAULT, lane, "r", 50, LEASE, &everything()).expect("claim");
     assert_eq!(nothing.next_due_in, None, "nothing locked, nothing due");
 }
+
+/// A relay that stops puts back the tail of its batch that it did not
+/// attempt. The tail stays in the log (the cursor stops after the last row
+/// attempted) instead of going to `outbox.deliveries`, where each of its
+/// keys would block every later event of the key; a row put back before an
+/// attempted one still goes there, and its key's later rows wait for it.
+#[test]
+fn the_unattempted_tail_of_a_stopped_batch_stays_in_the_log() {
+    let db = pg::test_db();
+    let mut conn = db.conn();
+    let keys = keys_in_one_lane(&mut conn, 3);
+    let ids: Vec<i64> = keys
+        .iter()
+        .chain(&keys)
+        .map(|key| publish(&mut conn, "t", Some(key), 0))
+        .collect();
+
+    // Only the first row attempted: the rest stays unread.
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), ids);
+    let mut verdicts = batch.all(Verdict::Release);
+    verdicts[0].1 = Verdict::Delivered;
+    assert_eq!(settle_ids(&mut conn, DEFAULT, &batch, &verdicts), ids);
+    assert_eq!(parked(&mut conn, DEFAULT), []);
+
+    // The next claim reads the tail again, from the log. Now the second
+    // row is put back and the third delivered: the second goes to
+    // outbox.deliveries, the rest of the tail stays unread.
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), ids[1..]);
+    assert!(batch
+        .rows
+        .iter()
+        .all(|r| matches!(r.place, Place::Log { .. })));
+    let mut verdicts = batch.all(Verdict::Release);
+    verdicts[1].1 = Verdict::Delivered;
+    settle_ids(&mut conn, DEFAULT, &batch, &verdicts);
+    assert_eq!(parked(&mut conn, DEFAULT), [p(ids[1], "queued", "due")]);
+
+    // Then: the put-back row first (the only row of its key that may go),
+    // and the tail but the row of the second key, which waits behind it.
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [ids[3], ids[5], ids[1]]);
+    settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    assert_eq!(parked(&mut conn, DEFAULT), [p(ids[4], "blocked", "due")]);
+    let batch = claim_one(&mut conn, DEFAULT, "r");
+    assert_eq!(batch.ids(), [ids[4]]);
+    settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
+    assert_eq!(parked(&mut conn, DEFAULT), []);
+    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+}
