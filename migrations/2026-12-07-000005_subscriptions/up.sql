@@ -533,9 +533,12 @@ COMMENT ON FUNCTION outbox.queue_rows(text, integer, xid8[], bigint[], text[], b
 -- * When the batch is not full, one more row (id 0) says in how many
 --   microseconds the next deliveries row comes due, or 1 ms when a lane
 --   that had news was locked by someone else (see contended below).
+-- * p_arm_us, if given, renews the wake-up flag (outbox.relay_wakeup) for
+--   that long: a sleeping relay's poll keeps it armed in the same call.
 CREATE FUNCTION outbox.claim(p_subscription text, p_lane integer, p_relay text,
                              p_limit integer, p_lease_us bigint,
-                             p_all boolean, p_exact text[], p_like text[])
+                             p_all boolean, p_exact text[], p_like text[],
+                             p_arm_us bigint DEFAULT NULL)
 RETURNS TABLE (token bigint, lane smallint, seq bigint, tx bigint, id bigint, topic text,
                key text, payload text, headers text, created_at timestamptz,
                available_at timestamptz, attempts integer, last_error text,
@@ -784,9 +787,18 @@ BEGIN
                    NULL::text, ''::text, ''::text, now(), now(), 0, NULL::text, due_us;
         END IF;
     END IF;
+
+    -- A sleeping relay renews the wake-up flag it armed with its poll, so
+    -- that idle it sends one statement per poll interval.
+    IF p_arm_us IS NOT NULL THEN
+        INSERT INTO outbox.relay_wakeup AS w (armed_until)
+        VALUES (now() + p_arm_us * interval '1 microsecond')
+            ON CONFLICT (only_row) DO UPDATE
+           SET armed_until = greatest(w.armed_until, excluded.armed_until);
+    END IF;
 END
 $$;
-COMMENT ON FUNCTION outbox.claim(text, integer, text, integer, bigint, boolean, text[], text[]) IS
+COMMENT ON FUNCTION outbox.claim(text, integer, text, integer, bigint, boolean, text[], text[], bigint) IS
     'A relay worker claims a batch of a subscription: the next rows of one leased lane of the log, and due rows of outbox.deliveries, under one fencing token.';
 
 -- 7. Settling --------------------------------------------------------------

@@ -300,6 +300,7 @@ impl RelayBuilder {
         }
         let workers = config.workers * subscriptions.len();
         let vacuum = config.vacuum;
+        let poll_interval = config.poll_interval;
         let shared = Arc::new(Shared {
             name,
             pool: self.pool,
@@ -307,7 +308,7 @@ impl RelayBuilder {
             subscriptions,
             observer: self.observer,
             counters: Default::default(),
-            wakeup: super::wakeup::Wakeup::new(listening, workers),
+            wakeup: super::wakeup::Wakeup::new(listening, workers, poll_interval),
             housekeeping: super::housekeeping::Housekeeping::new(vacuum),
         });
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);

@@ -36,6 +36,9 @@ pub(crate) struct Served {
     /// claim round.
     pub(crate) wake_tx: Sender<()>,
     pub(crate) wake_rx: Receiver<()>,
+    /// Whether a sleeping worker keeps the poll timer: one at a time, so
+    /// an idle relay claims once per poll interval, not once per worker.
+    pub(crate) poller: AtomicBool,
     registered: AtomicBool,
 }
 
@@ -82,6 +85,7 @@ impl Served {
             schedule: Schedule::default(),
             wake_tx,
             wake_rx,
+            poller: AtomicBool::new(false),
             registered: AtomicBool::new(false),
         }
     }

@@ -38,6 +38,10 @@ pub(crate) const LINGER: [Duration; 7] = [
     Duration::from_millis(64),
 ];
 
+/// Bounds of how long an armed wake-up flag stays armed without renewal.
+const ARMED_AT_LEAST: Duration = Duration::from_secs(1);
+const ARMED_AT_MOST: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Below this rate of claimed events per second the relay keeps
 /// notifications on and its workers wait for them.
 pub(crate) const NOTIFY_BELOW: f64 = 250.0;
@@ -63,6 +67,10 @@ pub(crate) struct Wakeup {
     workers: usize,
     asleep: AtomicUsize,
     armed_at: Mutex<Option<Instant>>,
+    /// How long an arming lasts (a few poll intervals).
+    armed_for: Duration,
+    /// How often a sleeping relay renews it (the poll interval).
+    renew_every: Duration,
     rate: Mutex<Rate>,
 }
 
@@ -79,12 +87,16 @@ struct Rate {
 }
 
 impl Wakeup {
-    pub(crate) fn new(enabled: bool, workers: usize) -> Self {
+    /// `workers` in all; the flag is renewed every `poll_interval` and
+    /// lasts three of them (at least 1 s, at most a day).
+    pub(crate) fn new(enabled: bool, workers: usize, poll_interval: Duration) -> Self {
         Wakeup {
             enabled,
             workers,
             asleep: AtomicUsize::new(0),
             armed_at: Mutex::new(None),
+            armed_for: (poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST),
+            renew_every: poll_interval,
             rate: Mutex::new(Rate {
                 window_start: Instant::now(),
                 claimed: 0,
@@ -119,28 +131,46 @@ impl Wakeup {
                 .notify
     }
 
-    /// In notify mode: whether the flag should be (re)armed now, whatever
-    /// the workers do; see [`Wakeup::should_arm`] for the refresh.
-    pub(crate) fn should_keep_armed(&self, refresh: Duration) -> bool {
-        self.notify_mode()
-            && self
-                .armed_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_none_or(|at| at.elapsed() >= refresh)
+    /// Whether the flag this relay armed is still armed, as far as it
+    /// knows (another relay's listener may have disarmed it since).
+    fn armed_still(&self) -> bool {
+        self.armed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < self.armed_for)
     }
 
-    /// Whether the flag should be (re)armed now: every worker is asleep,
-    /// and this relay has not armed it within `refresh` (it stays armed for
-    /// a few of those, so a relay that died stops costing publishers).
-    pub(crate) fn should_arm(&self, refresh: Duration) -> bool {
-        self.enabled
-            && self.asleep.load(Ordering::Acquire) == self.workers
-            && self
-                .armed_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_none_or(|at| at.elapsed() >= refresh)
+    /// Whether the relay wants notifications now: events come slowly, or
+    /// every worker is asleep.
+    fn wants_notifications(&self) -> bool {
+        self.notify_mode() || (self.enabled && self.asleep.load(Ordering::Acquire) == self.workers)
+    }
+
+    /// Whether the flag must be armed now, by a statement of its own,
+    /// before the next claim: the relay wants notifications and the flag
+    /// is not armed (then publishers committing during that claim would
+    /// neither notify nor be seen by it).
+    pub(crate) fn should_arm(&self) -> bool {
+        self.enabled && self.wants_notifications() && !self.armed_still()
+    }
+
+    /// For how long the next claim should renew the flag, if it should: it
+    /// is armed and was renewed a poll interval ago or more. A sleeping
+    /// relay's poll thus keeps it armed in the same statement, and a relay
+    /// that died stops costing publishers a NOTIFY within
+    /// [`Wakeup::armed_for`].
+    pub(crate) fn renew_with_claim(&self) -> Option<Duration> {
+        let due = self
+            .armed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| (self.renew_every..self.armed_for).contains(&at.elapsed()));
+        (due && self.wants_notifications()).then_some(self.armed_for)
+    }
+
+    /// How long an arming lasts.
+    pub(crate) fn armed_for(&self) -> Duration {
+        self.armed_for
     }
 
     /// Records that the flag was armed just now.
@@ -223,7 +253,7 @@ impl Idleness {
     /// The last claim found nothing: how long to pause before the next,
     /// given the poll interval. Counts the worker as asleep from the
     /// drowsy pause on.
-    pub(crate) fn empty(&mut self, wakeup: &Wakeup, poll_interval: Duration) -> Duration {
+    pub(crate) fn empty(&mut self, wakeup: &Wakeup, poll_interval: Duration) -> Pause {
         self.streak = self.streak.saturating_add(1);
         if self.streak >= LINGER.len() - 1 && !self.asleep {
             self.asleep = true;
@@ -231,8 +261,23 @@ impl Idleness {
         }
         LINGER
             .get(self.streak)
-            .map_or(poll_interval, |&pause| pause.min(poll_interval))
+            .map_or(Pause::Sleep(poll_interval), |&pause| {
+                Pause::Linger(pause.min(poll_interval))
+            })
     }
+}
+
+/// How a worker waits before its next claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pause {
+    /// A short pause while events may still come: always timed.
+    Linger(Duration),
+    /// Until a wake-up, or the poll (or the next known due time). Only one
+    /// sleeping worker per subscription keeps the time (see
+    /// [`Served::poller`](super::subscription::Served)); the others wait for
+    /// a wake-up, so an idle relay polls once per interval, not once per
+    /// worker.
+    Sleep(Duration),
 }
 
 /// When events this relay knows of come due: the retries it scheduled and
@@ -322,7 +367,7 @@ mod tests {
 
     #[test]
     fn a_burst_of_notifications_turns_them_off_before_the_claims_catch_up() {
-        let wakeup = Wakeup::new(true, 2);
+        let wakeup = Wakeup::new(true, 2, Duration::from_secs(1));
         assert!(wakeup.notify_mode());
         // Within one window: 30 claimed, but 51 publishing statements heard.
         wakeup.claimed(30);

@@ -2,6 +2,7 @@
 //! timer, then claim a batch, deliver it through the sinks, and settle it
 //! in one round trip. Repeat while there is more.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use rand::SeedableRng;
 
 use super::deliver;
 use super::subscription::Served;
-use super::wakeup::{Idleness, LINGER};
+use super::wakeup::{Idleness, Pause, LINGER};
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::error::Error;
@@ -20,10 +21,6 @@ use crate::event::{EventId, StoredEvent};
 use crate::observe::Counters;
 use crate::sink::{DeliveryError, DeliveryErrorKind};
 use crate::store::{self, Place, Settlement, Verdict};
-
-/// Bounds of how long an armed wake-up flag stays armed without renewal.
-const ARMED_AT_LEAST: Duration = Duration::from_secs(1);
-const ARMED_AT_MOST: Duration = Duration::from_secs(24 * 60 * 60);
 
 type PooledConn = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<PgConnection>>;
 
@@ -59,22 +56,25 @@ impl Worker {
         let reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 2.0, 0.5);
         let mut failures: u32 = 0;
         let mut idleness = Idleness::new();
+        // A pooled connection for the claim, any lease renewal and the
+        // settle (checking one out per statement would cost the pool's
+        // validation query each time). Kept while the worker goes on or
+        // lingers, and while it sleeps keeping the poll timer (so that an
+        // idle relay sends one statement per poll); given back before any
+        // other sleep, so the pool is shared fairly with the application.
+        let mut conn: Option<PooledConn> = None;
         loop {
             if self.stopping() {
                 idleness.awake(&self.shared.wakeup);
                 return;
             }
-            // One pooled connection per round, for the claim, any lease
-            // renewal and the settle (checking one out per statement would
-            // cost the pool's validation query each time), given back when
-            // the round ends so the pool is shared fairly with the
-            // application.
-            let mut conn: Option<PooledConn> = None;
             lane = lane.wrapping_add(1);
             let pause = self
                 .round(&mut conn, lane, &mut rng)
                 .and_then(|round| self.pause_after(round, &mut idleness, &mut conn));
-            drop(conn);
+            if pause.is_err() {
+                conn = None;
+            }
             match pause {
                 Ok(pause) => {
                     if failures > 0 {
@@ -84,13 +84,8 @@ impl Worker {
                         tracing::info!(relay = %self.shared.name, "database reachable again");
                     }
                     let Some(pause) = pause else { continue };
-                    select! {
-                        recv(self.served().wake_rx) -> _ => idleness.busy(&self.shared.wakeup),
-                        recv(self.shutdown) -> _ => {
-                            idleness.awake(&self.shared.wakeup);
-                            return;
-                        }
-                        default(pause) => {}
+                    if !self.wait(pause, &mut idleness, &mut conn) {
+                        return;
                     }
                 }
                 Err(error) => {
@@ -114,6 +109,53 @@ impl Worker {
         }
     }
 
+    /// Waits for `pause`, a wake-up or the shutdown; false on shutdown.
+    /// Of the workers of a subscription that sleep, one keeps the time
+    /// (the poller) and the others wait only for a wake-up: the poller's
+    /// claim wakes one of them when it finds work.
+    fn wait(&self, pause: Pause, idleness: &mut Idleness, conn: &mut Option<PooledConn>) -> bool {
+        let served = self.served();
+        let poller = matches!(pause, Pause::Sleep(_))
+            && served
+                .poller
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        let timed = match pause {
+            Pause::Linger(pause) => Some(pause),
+            Pause::Sleep(pause) => poller.then_some(pause),
+        };
+        if timed.is_none() {
+            *conn = None;
+        }
+        // A sleeper that does not keep the poll timer still wakes for the
+        // next known due time (a retry it settled, say): the poller's timer
+        // was set before that was known.
+        let timed = timed.or_else(|| served.schedule.until_next());
+        let woken = match timed {
+            Some(pause) => select! {
+                recv(served.wake_rx) -> _ => Some(true),
+                recv(self.shutdown) -> _ => None,
+                default(pause) => Some(false),
+            },
+            None => select! {
+                recv(served.wake_rx) -> _ => Some(true),
+                recv(self.shutdown) -> _ => None,
+            },
+        };
+        if poller {
+            served.poller.store(false, Ordering::Release);
+        }
+        match woken {
+            Some(true) => idleness.busy(&self.shared.wakeup),
+            Some(false) => {}
+            None => {
+                idleness.awake(&self.shared.wakeup);
+                return false;
+            }
+        }
+        true
+    }
+
     /// How long to wait after `round` before claiming again (`None`: go
     /// again at once). When this worker is the last of the relay to fall
     /// asleep, arms the wake-up flag first, so that publishers notify.
@@ -122,7 +164,7 @@ impl Worker {
         round: Round,
         idleness: &mut Idleness,
         slot: &mut Option<PooledConn>,
-    ) -> Result<Option<Duration>, Error> {
+    ) -> Result<Option<Pause>, Error> {
         let shared = &*self.shared;
         // Never past the next known due time (a retry, a delayed event).
         let poll_interval = self
@@ -146,19 +188,19 @@ impl Worker {
                     Round::Partial => idleness.busy(&shared.wakeup),
                     _ => drop(idleness.empty(&shared.wakeup, poll_interval)),
                 }
-                if shared.wakeup.should_keep_armed(shared.config.poll_interval) {
+                if shared.wakeup.should_arm() {
                     self.arm(slot)?;
-                    return Ok(Some(LINGER[0].min(poll_interval)));
+                    return Ok(Some(Pause::Linger(LINGER[0].min(poll_interval))));
                 }
-                Ok(Some(poll_interval))
+                Ok(Some(Pause::Sleep(poll_interval)))
             }
             Round::Partial => {
                 idleness.busy(&shared.wakeup);
-                Ok(Some(LINGER[0].min(poll_interval)))
+                Ok(Some(Pause::Linger(LINGER[0].min(poll_interval))))
             }
             Round::Empty => {
                 let pause = idleness.empty(&shared.wakeup, poll_interval);
-                if shared.wakeup.should_arm(shared.config.poll_interval) {
+                if shared.wakeup.should_arm() {
                     self.arm(slot)?;
                 }
                 Ok(Some(pause))
@@ -166,17 +208,17 @@ impl Worker {
         }
     }
 
-    /// Arms the wake-up flag for a few poll intervals: a sleeping relay
-    /// renews it every poll, and one that died stops costing publishers a
-    /// NOTIFY soon after.
+    /// Arms the wake-up flag for a few poll intervals, in a statement of
+    /// its own; while the relay sleeps, its polls renew it
+    /// ([`Wakeup::renew_with_claim`]), and a relay that died stops costing
+    /// publishers a NOTIFY soon after.
     fn arm(&self, slot: &mut Option<PooledConn>) -> Result<(), Error> {
         let shared = &*self.shared;
         let conn = match slot {
             Some(conn) => conn,
             None => slot.insert(shared.pool.get()?),
         };
-        let valid_for = (shared.config.poll_interval * 3).clamp(ARMED_AT_LEAST, ARMED_AT_MOST);
-        store::wakeup::arm(conn, valid_for)?;
+        store::wakeup::arm(conn, shared.wakeup.armed_for())?;
         shared.wakeup.armed();
         Ok(())
     }
@@ -216,6 +258,7 @@ impl Worker {
         };
         self.register(conn)?;
         let sent = Instant::now();
+        let renew = shared.wakeup.renew_with_claim();
         let claimed = store::claim(
             conn,
             &served.name,
@@ -224,6 +267,7 @@ impl Worker {
             i64::from(config.batch_size),
             config.lease,
             &served.routed,
+            renew,
         )
         .inspect_err(|error| {
             if error.to_string().contains("is not registered") {
@@ -232,6 +276,9 @@ impl Worker {
                 served.set_registered(false);
             }
         })?;
+        if renew.is_some() {
+            shared.wakeup.armed();
+        }
         // Measured from the reply, so the wake-up is never early.
         let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);
         served.schedule.claimed(sent, next_due);

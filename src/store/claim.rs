@@ -94,6 +94,7 @@ pub(crate) struct ClaimedRow {
 ///
 /// So one lane is read by one relay worker at a time, and a key (which
 /// hashes to one lane) has at most one event in flight per subscription.
+#[allow(clippy::too_many_arguments)] // one per parameter of outbox.claim
 pub(crate) fn claim(
     conn: &mut PgConnection,
     subscription: &str,
@@ -102,6 +103,7 @@ pub(crate) fn claim(
     limit: i64,
     lease: std::time::Duration,
     routed: &TopicFilter,
+    arm: Option<std::time::Duration>,
 ) -> QueryResult<Claimed> {
     struct ClaimBinds<'a> {
         subscription: &'a str,
@@ -110,6 +112,7 @@ pub(crate) fn claim(
         limit: i32,
         lease_us: i64,
         routed: &'a TopicFilter,
+        arm_us: Option<i64>,
     }
     impl Binds for ClaimBinds<'_> {
         fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -122,13 +125,14 @@ pub(crate) fn claim(
                 6 => out.push_bind_param::<Bool, _>(&self.routed.all),
                 7 => out.push_bind_param::<Array<Text>, _>(&self.routed.exact),
                 8 => out.push_bind_param::<Array<Text>, _>(&self.routed.like),
+                9 => out.push_bind_param::<Nullable<BigInt>, _>(&self.arm_us),
                 _ => Err(unknown_parameter(n)),
             }
         }
     }
     struct ClaimStatement;
     let rows: Vec<ClaimedRow> = Prepared::<ClaimStatement, _>::new(
-        "SELECT * FROM outbox.claim($1, $2, $3, $4, $5, $6, $7, $8)",
+        "SELECT * FROM outbox.claim($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         ClaimBinds {
             subscription,
             lane: i32::try_from(lane % 8).unwrap_or(0),
@@ -136,6 +140,7 @@ pub(crate) fn claim(
             limit: i32::try_from(limit).unwrap_or(i32::MAX),
             lease_us: micros(lease),
             routed,
+            arm_us: arm.map(micros),
         },
     )
     .load(conn)?;

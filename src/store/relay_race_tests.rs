@@ -68,7 +68,8 @@ pub(super) fn claim_as(
     lease: Duration,
     routed: &TopicFilter,
 ) -> Batch {
-    let claimed = claim(conn, subscription, lane, relay, limit, lease, routed).expect("claim");
+    let claimed =
+        claim(conn, subscription, lane, relay, limit, lease, routed, None).expect("claim");
     let rows = claimed
         .rows
         .into_iter()
@@ -1234,7 +1235,17 @@ fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
     .expect("holding the lane as outbox.reclaim does");
     let id = publish(&mut conn, "t", Some("k"), 0);
 
-    let claimed = claim(&mut conn, DEFAULT, lane, "r", 50, LEASE, &everything()).expect("claim");
+    let claimed = claim(
+        &mut conn,
+        DEFAULT,
+        lane,
+        "r",
+        50,
+        LEASE,
+        &everything(),
+        None,
+    )
+    .expect("claim");
     assert!(claimed.rows.is_empty());
     let again = claimed.next_due_in.expect("a time to look again");
     assert!(again <= Duration::from_millis(1), "{again:?}");
@@ -1242,7 +1253,17 @@ fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
     execute(&mut holder, "COMMIT");
     let batch = claim_one(&mut conn, DEFAULT, "r");
     assert_eq!(batch.ids(), [id]);
-    let nothing = claim(&mut conn, DEFAULT, lane, "r", 50, LEASE, &everything()).expect("claim");
+    let nothing = claim(
+        &mut conn,
+        DEFAULT,
+        lane,
+        "r",
+        50,
+        LEASE,
+        &everything(),
+        None,
+    )
+    .expect("claim");
     assert_eq!(nothing.next_due_in, None, "nothing locked, nothing due");
 }
 
