@@ -339,7 +339,8 @@ fn idle_cpu(_: &mut Criterion) {
     relay.shutdown(Duration::from_secs(10)).unwrap();
     eprintln!(
         "idle relay (4 workers, 1 s poll) over {seconds} s: {used:?} of CPU ({:.3}% of one core), \
-         {statements} statements ({:.2} per poll interval)",
+         {statements} statements ({:.2} per poll interval; an upper bound: other sessions \
+         of that database, such as autovacuum's, count too)",
         used.as_secs_f64() * 100.0 / seconds as f64,
         statements as f64 / seconds as f64
     );
