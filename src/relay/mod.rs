@@ -15,7 +15,7 @@ mod listener;
 mod pq;
 mod routing;
 mod subscription;
-mod wakeup;
+pub(crate) mod wakeup;
 mod worker;
 
 use std::sync::{Arc, Mutex, PoisonError};

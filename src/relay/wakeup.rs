@@ -223,6 +223,22 @@ pub(crate) struct Idleness {
     /// above: asleep until woken or the poll interval.
     streak: usize,
     asleep: bool,
+    /// After this worker armed the wake-up flag: the publishers that read
+    /// it just before may commit after its next claim's snapshot, without
+    /// a NOTIFY. Each has an xid below the xmax of a claim that started
+    /// after the arming; until a claim's xmin has passed that, the worker
+    /// keeps looking (1, 2, 4 … 64 ms apart) instead of sleeping.
+    watch: Watch,
+    watched: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watch {
+    Off,
+    /// Armed; the next claim's xmax is the mark.
+    Pending,
+    /// Until a claim's xmin reaches this xid.
+    Below(i64),
 }
 
 impl Idleness {
@@ -233,7 +249,38 @@ impl Idleness {
         Idleness {
             streak: LINGER.len() - 2,
             asleep: false,
+            watch: Watch::Off,
+            watched: 0,
         }
+    }
+
+    /// This worker armed the wake-up flag (or its claim armed it anew).
+    pub(crate) fn armed(&mut self) {
+        self.watch = Watch::Pending;
+        self.watched = 0;
+    }
+
+    /// A claim returned with this snapshot (xmin, xmax).
+    pub(crate) fn claimed(&mut self, (xmin, xmax): (i64, i64)) {
+        if self.watch == Watch::Pending {
+            self.watch = Watch::Below(xmax);
+        }
+        if let Watch::Below(mark) = self.watch {
+            if xmin >= mark {
+                self.watch = Watch::Off;
+            }
+        }
+    }
+
+    /// While watching after an arming: how long to pause before looking
+    /// again.
+    pub(crate) fn watching(&mut self) -> Option<Duration> {
+        if self.watch == Watch::Off {
+            return None;
+        }
+        let pause = LINGER[self.watched.min(LINGER.len() - 1)];
+        self.watched += 1;
+        Some(pause)
     }
 
     /// The last claim found work (or the worker was woken).
@@ -386,6 +433,28 @@ mod tests {
         std::thread::sleep(RATE_WINDOW);
         wakeup.claimed(0);
         assert!(wakeup.notify_mode());
+    }
+
+    #[test]
+    fn after_arming_a_worker_looks_until_every_earlier_transaction_ended() {
+        let mut idleness = Idleness::new();
+        assert_eq!(idleness.watching(), None);
+        idleness.armed();
+        // The claim right after the arming.
+        assert_eq!(idleness.watching(), Some(LINGER[0]));
+        // It saw transactions 90 and up running below its xmax 100.
+        idleness.claimed((90, 100));
+        assert_eq!(idleness.watching(), Some(LINGER[1]));
+        idleness.claimed((95, 120));
+        assert_eq!(idleness.watching(), Some(LINGER[2]));
+        // Everything below 100 has ended: sleep.
+        idleness.claimed((100, 130));
+        assert_eq!(idleness.watching(), None);
+        // Nothing running at the claim after an arming: sleep at once.
+        idleness.armed();
+        assert_eq!(idleness.watching(), Some(LINGER[0]));
+        idleness.claimed((140, 140));
+        assert_eq!(idleness.watching(), None);
     }
 
     #[test]

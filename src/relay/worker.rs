@@ -70,7 +70,7 @@ impl Worker {
             }
             lane = lane.wrapping_add(1);
             let pause = self
-                .round(&mut conn, lane, &mut rng)
+                .round(&mut conn, lane, &mut rng, &mut idleness)
                 .and_then(|round| self.pause_after(round, &mut idleness, &mut conn));
             if pause.is_err() {
                 conn = None;
@@ -190,7 +190,10 @@ impl Worker {
                 }
                 if shared.wakeup.should_arm() {
                     self.arm(slot)?;
-                    return Ok(Some(Pause::Linger(LINGER[0].min(poll_interval))));
+                    idleness.armed();
+                }
+                if let Some(pause) = idleness.watching() {
+                    return Ok(Some(Pause::Linger(pause.min(poll_interval))));
                 }
                 Ok(Some(Pause::Sleep(poll_interval)))
             }
@@ -202,6 +205,10 @@ impl Worker {
                 let pause = idleness.empty(&shared.wakeup, poll_interval);
                 if shared.wakeup.should_arm() {
                     self.arm(slot)?;
+                    idleness.armed();
+                }
+                if let Some(watch) = idleness.watching() {
+                    return Ok(Some(Pause::Linger(watch.min(poll_interval))));
                 }
                 Ok(Some(pause))
             }
@@ -248,6 +255,7 @@ impl Worker {
         slot: &mut Option<PooledConn>,
         lane: usize,
         rng: &mut StdRng,
+        idleness: &mut Idleness,
     ) -> Result<Round, Error> {
         let shared = &*self.shared;
         let served = self.served();
@@ -278,6 +286,11 @@ impl Worker {
         })?;
         if renew.is_some() {
             shared.wakeup.armed();
+        }
+        if claimed.rearmed {
+            idleness.armed();
+        } else {
+            idleness.claimed(claimed.snapshot);
         }
         // Measured from the reply, so the wake-up is never early.
         let next_due = claimed.next_due_in.map(|due_in| Instant::now() + due_in);

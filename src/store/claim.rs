@@ -21,6 +21,11 @@ pub(crate) struct Claimed {
     pub(crate) lane: Option<i16>,
     pub(crate) rows: Vec<ClaimedRow>,
     pub(crate) next_due_in: Option<std::time::Duration>,
+    /// The claim's snapshot: (xmin, xmax), as transaction ids.
+    pub(crate) snapshot: (i64, i64),
+    /// Whether the claim armed the wake-up flag anew (it was off) while
+    /// renewing it.
+    pub(crate) rearmed: bool,
 }
 
 /// Which topics a claim may take: everything, or exact names and prefixes.
@@ -72,9 +77,11 @@ pub(crate) struct ClaimedRow {
     attempts: i32,
     #[diesel(sql_type = Nullable<Text>)]
     last_error: Option<String>,
-    /// Only on the one row that is not an event (`id` 0): microseconds
-    /// until the next deliveries row comes due, or until a lane locked by
-    /// someone else should be looked at again.
+    /// Only on the last row, which is not an event (`id` 0; its `tx` and
+    /// `seq` carry the claim's snapshot's xmin and xmax, its `attempts`
+    /// whether it armed the wake-up flag anew): microseconds until the next
+    /// deliveries row comes due, or until a lane locked by someone else
+    /// should be looked at again.
     #[diesel(sql_type = Nullable<BigInt>)]
     next_due_in_us: Option<i64>,
 }
@@ -145,10 +152,17 @@ pub(crate) fn claim(
     )
     .load(conn)?;
     let mut next_due_in = None;
+    let mut snapshot = (0, 0);
+    let mut rearmed = false;
     let mut claimed = Vec::with_capacity(rows.len());
     for row in rows {
-        if let Some(us) = row.next_due_in_us {
-            next_due_in = Some(std::time::Duration::from_micros(us.max(0) as u64));
+        // The last row is not an event (id 0; event ids start at 1).
+        if row.id == 0 {
+            next_due_in = row
+                .next_due_in_us
+                .map(|us| std::time::Duration::from_micros(us.max(0) as u64));
+            snapshot = (row.tx.unwrap_or(0), row.seq.unwrap_or(0));
+            rearmed = row.attempts == 1;
         } else {
             claimed.push(row);
         }
@@ -158,6 +172,8 @@ pub(crate) fn claim(
         lane: claimed.iter().find_map(|r| r.lane),
         rows: claimed,
         next_due_in,
+        snapshot,
+        rearmed,
     })
 }
 

@@ -1317,3 +1317,52 @@ fn the_unattempted_tail_of_a_stopped_batch_stays_in_the_log() {
     assert_eq!(parked(&mut conn, DEFAULT), []);
     assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
 }
+
+/// A publisher that read the wake-up flag just before a relay armed it
+/// sends no NOTIFY, and commits after the relay's next claim took its
+/// snapshot, so that claim cannot see its event either (the relay then
+/// slept until its poll: the wake-up tests found it under load). The claim
+/// reports its snapshot; the publisher's transaction is below its xmax and
+/// still running, so the worker keeps looking, and finds the event once it
+/// commits.
+#[test]
+fn a_publisher_that_read_the_flag_before_it_was_armed_is_still_found() {
+    use crate::relay::wakeup::Idleness;
+    let db = pg::test_db();
+    let (mut publisher, mut relay, mut listener) = (db.conn(), db.conn(), db.conn());
+    execute(&mut listener, &format!("LISTEN {}", crate::NOTIFY_CHANNEL));
+
+    execute(&mut publisher, "BEGIN");
+    let id = publish(&mut publisher, "t", None, 0); // reads the flag: off
+    super::wakeup::arm(&mut relay, Duration::from_secs(60)).expect("arming");
+    let mut idleness = Idleness::new();
+    idleness.armed();
+    assert!(idleness.watching().is_some(), "the claim after the arming");
+    let first = claim(&mut relay, DEFAULT, 0, "r", 50, LEASE, &everything(), None).expect("claim");
+    assert!(first.rows.is_empty(), "not committed yet");
+    idleness.claimed(first.snapshot);
+    assert!(
+        idleness.watching().is_some(),
+        "a transaction older than the arming is still running: {:?}",
+        first.snapshot
+    );
+
+    execute(&mut publisher, "COMMIT");
+    execute(&mut listener, "SELECT 1");
+    assert_eq!(
+        listener.notifications_iter().count(),
+        0,
+        "it sent no NOTIFY"
+    );
+    let second = claim(&mut relay, DEFAULT, 0, "r", 50, LEASE, &everything(), None).expect("claim");
+    assert_eq!(
+        second
+            .rows
+            .iter()
+            .map(|r| r.event_id().0)
+            .collect::<Vec<_>>(),
+        [id]
+    );
+    idleness.claimed(second.snapshot);
+    assert_eq!(idleness.watching(), None, "everything older has ended");
+}

@@ -275,6 +275,15 @@ pub struct RelayBed {
 }
 
 pub fn setup() -> RelayBed {
+    // OUTBOX_TEST_LOG=1: the relay's logs (all levels) in each failing
+    // test's output.
+    if std::env::var_os("OUTBOX_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("outbox=trace")
+            .with_test_writer()
+            .with_thread_names(true)
+            .try_init();
+    }
     let db = pg::test_db();
     let pool = pool(&db);
     let (recorder, signals) = recorder();
