@@ -735,11 +735,17 @@ fn rows_a_dead_batch_left_waiting_are_judged_again_by_the_takeover() {
     assert_eq!(parked(&mut observer, DEFAULT), [p(p2, "delayed", "later")]);
     assert_eq!(dead_letters(&mut observer), [r1]);
     make_due(&mut observer, &[p2]);
-    let last = claim_one(&mut relay, DEFAULT, "b");
-    assert_eq!(last.ids(), [p2]);
-    settle_ids(&mut relay, DEFAULT, &last, &last.all(Verdict::Delivered));
-    assert_eq!(parked(&mut observer, DEFAULT), []);
-    assert_eq!(claim_one(&mut relay, DEFAULT, "b").ids(), Vec::<i64>::new());
+    deliver_the_last(&mut relay, "b", &[p2]);
+}
+
+/// Claims exactly `ids` for `relay`, delivers them, and checks that the
+/// default subscription is then empty.
+fn deliver_the_last(conn: &mut PgConnection, relay: &str, ids: &[i64]) {
+    let last = claim_one(conn, DEFAULT, relay);
+    assert_eq!(last.ids(), ids);
+    settle_ids(conn, DEFAULT, &last, &last.all(Verdict::Delivered));
+    assert_eq!(parked(conn, DEFAULT), []);
+    assert_eq!(claim_one(conn, DEFAULT, relay).ids(), Vec::<i64>::new());
 }
 
 /// A retry holds its key: the key's later events wait (blocked, at
@@ -1311,11 +1317,7 @@ fn the_unattempted_tail_of_a_stopped_batch_stays_in_the_log() {
     assert_eq!(batch.ids(), [ids[3], ids[5], ids[1]]);
     settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
     assert_eq!(parked(&mut conn, DEFAULT), [p(ids[4], "blocked", "due")]);
-    let batch = claim_one(&mut conn, DEFAULT, "r");
-    assert_eq!(batch.ids(), [ids[4]]);
-    settle_ids(&mut conn, DEFAULT, &batch, &batch.all(Verdict::Delivered));
-    assert_eq!(parked(&mut conn, DEFAULT), []);
-    assert_eq!(claim_one(&mut conn, DEFAULT, "r").ids(), Vec::<i64>::new());
+    deliver_the_last(&mut conn, "r", &[ids[4]]);
 }
 
 /// A publisher that read the wake-up flag just before a relay armed it
