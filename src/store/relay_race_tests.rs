@@ -1115,6 +1115,12 @@ fn reclaim_neither_skips_nor_truncates_an_open_transactions_event() {
     );
 }
 
+/// A claim of the default subscription from `lane` on, as it comes back
+/// from the database (its next due time and snapshot included).
+fn claim_raw(conn: &mut PgConnection, lane: usize) -> super::claim::Claimed {
+    claim(conn, DEFAULT, lane, "r", 50, LEASE, &everything(), None).expect("claim")
+}
+
 /// The lane of `key` (`outbox.events.lane`).
 fn lane_of(conn: &mut PgConnection, key: &str) -> usize {
     #[derive(QueryableByName)]
@@ -1241,17 +1247,7 @@ fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
     .expect("holding the lane as outbox.reclaim does");
     let id = publish(&mut conn, "t", Some("k"), 0);
 
-    let claimed = claim(
-        &mut conn,
-        DEFAULT,
-        lane,
-        "r",
-        50,
-        LEASE,
-        &everything(),
-        None,
-    )
-    .expect("claim");
+    let claimed = claim_raw(&mut conn, lane);
     assert!(claimed.rows.is_empty());
     let again = claimed.next_due_in.expect("a time to look again");
     assert!(again <= Duration::from_millis(1), "{again:?}");
@@ -1259,17 +1255,7 @@ fn a_claim_that_finds_a_lane_locked_asks_to_look_again_soon() {
     execute(&mut holder, "COMMIT");
     let batch = claim_one(&mut conn, DEFAULT, "r");
     assert_eq!(batch.ids(), [id]);
-    let nothing = claim(
-        &mut conn,
-        DEFAULT,
-        lane,
-        "r",
-        50,
-        LEASE,
-        &everything(),
-        None,
-    )
-    .expect("claim");
+    let nothing = claim_raw(&mut conn, lane);
     assert_eq!(nothing.next_due_in, None, "nothing locked, nothing due");
 }
 
@@ -1344,7 +1330,7 @@ fn a_publisher_that_read_the_flag_before_it_was_armed_is_still_found() {
     let mut idleness = Idleness::new();
     idleness.armed();
     assert!(idleness.watching().is_some(), "the claim after the arming");
-    let first = claim(&mut relay, DEFAULT, 0, "r", 50, LEASE, &everything(), None).expect("claim");
+    let first = claim_raw(&mut relay, 0);
     assert!(first.rows.is_empty(), "not committed yet");
     // The publisher's transaction is running and below the claim's xmax,
     // so the watch holds (the snapshot is the whole server's: other
@@ -1361,7 +1347,7 @@ fn a_publisher_that_read_the_flag_before_it_was_armed_is_still_found() {
         0,
         "it sent no NOTIFY"
     );
-    let second = claim(&mut relay, DEFAULT, 0, "r", 50, LEASE, &everything(), None).expect("claim");
+    let second = claim_raw(&mut relay, 0);
     assert_eq!(
         second
             .rows
