@@ -174,45 +174,36 @@ impl Worker {
             .map_or(shared.config.poll_interval, |due| {
                 due.min(shared.config.poll_interval)
             });
-        match round {
+        let pause = match round {
             Round::More => {
                 idleness.busy(&shared.wakeup);
-                Ok(None)
+                return Ok(None);
             }
             // Events come slowly: keep the flag armed and sleep until a
-            // notification (or the poll, or the next due time). Right after
-            // arming, one more claim first: it finds what publishers
-            // committed while the flag was still off.
+            // notification (or the poll, or the next due time).
             Round::Partial | Round::Empty if shared.wakeup.notify_mode() => {
                 match round {
                     Round::Partial => idleness.busy(&shared.wakeup),
                     _ => drop(idleness.empty(&shared.wakeup, poll_interval)),
                 }
-                if shared.wakeup.should_arm() {
-                    self.arm(slot)?;
-                    idleness.armed();
-                }
-                if let Some(pause) = idleness.watching() {
-                    return Ok(Some(Pause::Linger(pause.min(poll_interval))));
-                }
-                Ok(Some(Pause::Sleep(poll_interval)))
+                Pause::Sleep(poll_interval)
             }
             Round::Partial => {
                 idleness.busy(&shared.wakeup);
-                Ok(Some(Pause::Linger(LINGER[0].min(poll_interval))))
+                return Ok(Some(Pause::Linger(LINGER[0].min(poll_interval))));
             }
-            Round::Empty => {
-                let pause = idleness.empty(&shared.wakeup, poll_interval);
-                if shared.wakeup.should_arm() {
-                    self.arm(slot)?;
-                    idleness.armed();
-                }
-                if let Some(watch) = idleness.watching() {
-                    return Ok(Some(Pause::Linger(watch.min(poll_interval))));
-                }
-                Ok(Some(pause))
-            }
+            Round::Empty => idleness.empty(&shared.wakeup, poll_interval),
+        };
+        if shared.wakeup.should_arm() {
+            self.arm(slot)?;
+            idleness.armed();
         }
+        // Right after an arming, look again (and again, while transactions
+        // older than it run) instead of sleeping: publishers that read the
+        // flag while it was off may still commit.
+        Ok(Some(idleness.watching().map_or(pause, |watch| {
+            Pause::Linger(watch.min(poll_interval))
+        })))
     }
 
     /// Arms the wake-up flag for a few poll intervals, in a statement of
