@@ -73,6 +73,7 @@
 //! | `NatsSink` (JetStream, deduplicated) | `nats` |
 //! | `AmqpSink` (RabbitMQ, publisher confirms) | `amqp` |
 //! | `RedisSink` (Streams) | `redis` |
+//! | `KafkaSink` (idempotent producer, delivery reports) | `kafka` |
 //! | the `outbox` command (migrate, publish, relay, status, dead letters) | `cli` |
 //!
 //! ## Operating
@@ -120,6 +121,8 @@ pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern, DEFAULT_SUBS
 #[cfg(feature = "amqp")]
 pub use sink::{AmqpBuilder, AmqpSink};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
+#[cfg(feature = "kafka")]
+pub use sink::{KafkaBuilder, KafkaSink};
 #[cfg(feature = "nats")]
 pub use sink::{NatsBuilder, NatsSink};
 #[cfg(feature = "redis")]

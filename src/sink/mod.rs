@@ -3,6 +3,8 @@
 #[cfg(feature = "amqp")]
 mod amqp;
 mod handler;
+#[cfg(feature = "kafka")]
+mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "redis")]
@@ -20,6 +22,8 @@ pub use self::redis::{RedisBuilder, RedisSink};
 #[cfg(feature = "amqp")]
 pub use amqp::{AmqpBuilder, AmqpSink};
 pub use handler::Handler;
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaBuilder, KafkaSink};
 #[cfg(feature = "nats")]
 pub use nats::{NatsBuilder, NatsSink};
 #[cfg(feature = "webhook")]

@@ -28,6 +28,8 @@ mod schema_contract;
 mod security;
 #[cfg(feature = "amqp")]
 mod sink_amqp;
+#[cfg(feature = "kafka")]
+mod sink_kafka;
 #[cfg(feature = "nats")]
 mod sink_nats;
 #[cfg(feature = "redis")]
