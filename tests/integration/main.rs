@@ -30,11 +30,13 @@ mod security;
 mod sink_amqp;
 #[cfg(feature = "kafka")]
 mod sink_kafka;
+#[cfg(feature = "mqtt")]
+mod sink_mqtt;
 #[cfg(feature = "nats")]
 mod sink_nats;
 #[cfg(feature = "redis")]
 mod sink_redis;
 #[cfg(feature = "webhook")]
 mod sink_webhook;
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp"))]
+#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
 mod tcp_proxy;
