@@ -74,6 +74,7 @@
 //! | `AmqpSink` (RabbitMQ, publisher confirms) | `amqp` |
 //! | `RedisSink` (Streams) | `redis` |
 //! | `KafkaSink` (idempotent producer, delivery reports) | `kafka` |
+//! | `MqttSink` (MQTT 5, QoS 1 or 2, acknowledged per message) | `mqtt` |
 //! | the `outbox` command (migrate, publish, relay, status, dead letters) | `cli` |
 //!
 //! ## Operating
@@ -123,6 +124,8 @@ pub use sink::{AmqpBuilder, AmqpSink};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
 #[cfg(feature = "kafka")]
 pub use sink::{KafkaBuilder, KafkaSink};
+#[cfg(feature = "mqtt")]
+pub use sink::{MqttBuilder, MqttSink};
 #[cfg(feature = "nats")]
 pub use sink::{NatsBuilder, NatsSink};
 #[cfg(feature = "redis")]

@@ -5,6 +5,8 @@ mod amqp;
 mod handler;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "redis")]
@@ -24,6 +26,8 @@ pub use amqp::{AmqpBuilder, AmqpSink};
 pub use handler::Handler;
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaBuilder, KafkaSink};
+#[cfg(feature = "mqtt")]
+pub use mqtt::{MqttBuilder, MqttSink};
 #[cfg(feature = "nats")]
 pub use nats::{NatsBuilder, NatsSink};
 #[cfg(feature = "webhook")]

@@ -38,5 +38,10 @@ mod sink_nats;
 mod sink_redis;
 #[cfg(feature = "webhook")]
 mod sink_webhook;
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "nats",
+    feature = "amqp",
+    feature = "mqtt"
+))]
 mod tcp_proxy;

@@ -159,7 +159,12 @@ pub fn retries(signals: &[Signal]) -> Vec<(i32, Duration, String)> {
 /// opens a proxy from `port` to the real `upstream` and waits for the
 /// delivery. Returns the event id and the errors of the failed attempts;
 /// the relay is shut down.
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "nats",
+    feature = "amqp",
+    feature = "mqtt"
+))]
 pub fn outage_then_recovery(
     bed: &RelayBed,
     relay: outbox::Relay,
@@ -228,13 +233,23 @@ impl Recording {
 
 /// A real sink, wrapped to record how many events the relay handed to
 /// each of its `deliver_batch` calls.
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "nats",
+    feature = "amqp",
+    feature = "mqtt"
+))]
 pub struct BatchSizes<S> {
     inner: S,
     sizes: Arc<Mutex<Vec<usize>>>,
 }
 
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "nats",
+    feature = "amqp",
+    feature = "mqtt"
+))]
 impl<S: outbox::Sink> BatchSizes<S> {
     /// `inner`, and the list its batch sizes go into.
     pub fn new(inner: S) -> (Self, Arc<Mutex<Vec<usize>>>) {
@@ -247,7 +262,12 @@ impl<S: outbox::Sink> BatchSizes<S> {
     }
 }
 
-#[cfg(any(feature = "redis", feature = "nats", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "nats",
+    feature = "amqp",
+    feature = "mqtt"
+))]
 impl<S: outbox::Sink> outbox::Sink for BatchSizes<S> {
     fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
         self.sizes.lock().unwrap().push(1);

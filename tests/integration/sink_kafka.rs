@@ -403,3 +403,69 @@ fn a_topic_the_cluster_does_not_have_is_dead_lettered() {
         "permanent failure: Kafka: Message production error: UnknownTopicOrPartition (Broker: Unknown topic or partition)"
     );
 }
+
+#[cfg(feature = "cli")]
+#[test]
+fn the_cli_relay_delivers_to_kafka() {
+    use crate::cli::{outbox, stderr};
+    let bed = setup();
+    let cluster = cluster(&[("outbox.order.approved", 1)]);
+    let brokers = cluster.bootstrap_servers();
+    let ids = bed.publish(&[
+        ("order.approved", Some("order-7")),
+        ("order.approved", Some("order-7")),
+    ]);
+    let output = outbox(
+        bed.db.url(),
+        &[
+            "relay",
+            "--sink",
+            "kafka",
+            "--brokers",
+            &brokers,
+            "--kafka-topic",
+            "outbox.{topic}",
+            "--drain",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("drained: delivered 2, retried 0, dead-lettered 0"),
+        "{}",
+        stderr(&output)
+    );
+    let got: Vec<(Option<String>, String)> = records(&brokers, "outbox.order.approved")
+        .into_iter()
+        .map(|r| (r.key, r.headers["outbox-id"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some("order-7".to_owned()), ids[0].to_string()),
+            (Some("order-7".to_owned()), ids[1].to_string())
+        ]
+    );
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn the_cli_refuses_a_kafka_user_without_a_password() {
+    let output = crate::cli::outbox(
+        "postgres://nowhere.invalid/x",
+        &[
+            "relay",
+            "--sink",
+            "kafka",
+            "--brokers",
+            "b:9092",
+            "--kafka-username",
+            "app",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        crate::cli::stderr(&output).contains("--kafka-password"),
+        "{}",
+        crate::cli::stderr(&output)
+    );
+}

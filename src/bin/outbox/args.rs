@@ -139,6 +139,8 @@ pub enum SinkKind {
     Nats,
     Amqp,
     Redis,
+    Kafka,
+    Mqtt,
 }
 
 #[derive(Debug, Args)]
@@ -202,8 +204,9 @@ pub struct Relay {
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// webhook: the endpoint URL.
-    #[arg(long, required_if_eq("sink", "webhook"))]
+    /// webhook: the endpoint URL; mqtt: the broker URL
+    /// (mqtt://user:password@host:1883, or mqtts://…).
+    #[arg(long, required_if_eq_any([("sink", "webhook"), ("sink", "mqtt")]))]
     pub url: Option<String>,
     /// webhook: the Standard Webhooks signing secret (whsec_…).
     #[arg(long, env = "OUTBOX_WEBHOOK_SECRET", hide_env_values = true)]
@@ -235,6 +238,27 @@ pub struct Relay {
     /// redis: one stream for every topic (default: one per topic).
     #[arg(long)]
     pub stream: Option<String>,
+
+    /// kafka: the bootstrap servers (host:port[,host:port…]).
+    #[arg(long, required_if_eq("sink", "kafka"))]
+    pub brokers: Option<String>,
+    /// kafka: the Kafka topic, `{topic}` standing for the event topic
+    /// (default: the event topic itself).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub kafka_topic: Option<String>,
+    /// kafka: the SASL/PLAIN user name (with --kafka-password).
+    #[arg(long, requires = "kafka_password")]
+    pub kafka_username: Option<String>,
+    /// kafka: the SASL/PLAIN password.
+    #[arg(long, env = "OUTBOX_KAFKA_PASSWORD", hide_env_values = true)]
+    pub kafka_password: Option<String>,
+
+    /// mqtt: 1 (acknowledged by PUBACK) or 2 (by PUBCOMP).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub qos: u8,
+    /// mqtt: topics are <prefix>/<topic>, the topic's dots made slashes.
+    #[arg(long, default_value = "outbox")]
+    pub mqtt_topic_prefix: String,
 }
 
 #[derive(Debug, Subcommand)]

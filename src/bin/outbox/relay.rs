@@ -96,6 +96,30 @@ fn build_sink(args: &Relay, broken: &Sender<std::io::Error>) -> Result<Arc<dyn S
             }
             Arc::new(builder.build()?)
         }
+        SinkKind::Kafka => {
+            let mut builder = outbox::KafkaSink::builder(
+                args.brokers.clone().ok_or_else(|| missing("--brokers"))?,
+            );
+            if let Some(template) = &args.kafka_topic {
+                builder = builder.topic_template(template);
+            }
+            if let Some(username) = &args.kafka_username {
+                let password = args
+                    .kafka_password
+                    .clone()
+                    .ok_or_else(|| missing("--kafka-password"))?;
+                builder = builder.sasl_plain(username, password);
+            }
+            Arc::new(builder.build()?)
+        }
+        SinkKind::Mqtt => Arc::new(
+            outbox::MqttSink::builder(
+                args.url.clone().ok_or_else(|| missing("--url"))?,
+                &args.mqtt_topic_prefix,
+            )
+            .qos(args.qos)
+            .build()?,
+        ),
     })
 }
 
