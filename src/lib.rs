@@ -118,7 +118,9 @@ pub use new_event::{validate_topic, NewEvent, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use publish::{publish, publish_all, publish_event, publish_events};
 pub use queue::queued_events;
-pub use relay::{PgPool, Relay, RelayBuilder, Stopper, TopicPattern, DEFAULT_SUBSCRIPTION};
+pub use relay::{
+    PgPool, RateLimit, Relay, RelayBuilder, Stopper, TopicPattern, DEFAULT_SUBSCRIPTION,
+};
 #[cfg(feature = "amqp")]
 pub use sink::{AmqpBuilder, AmqpSink};
 pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};

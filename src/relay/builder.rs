@@ -6,6 +6,7 @@ use std::time::Duration;
 use crossbeam_channel::bounded;
 use serde::de::DeserializeOwned;
 
+use super::rate::RateLimit;
 use super::routing::{Routes, TopicPattern};
 use super::subscription::Served;
 use super::worker::Worker;
@@ -25,6 +26,8 @@ pub struct RelayBuilder {
     routes: Routes,
     route_error: Option<Error>,
     subscriptions: Vec<Served>,
+    /// What `.rate_limit` applies to: the route or subscription added last.
+    last_added: Option<LastAdded>,
     name: Option<String>,
     workers: usize,
     batch_size: u32,
@@ -66,6 +69,7 @@ impl RelayBuilder {
             routes: Routes::default(),
             route_error: None,
             subscriptions: Vec::new(),
+            last_added: None,
             name: None,
             workers: Self::DEFAULT_WORKERS,
             batch_size: Self::DEFAULT_BATCH_SIZE,
@@ -104,9 +108,61 @@ impl RelayBuilder {
     /// a consumer that must get every event whatever other consumers do.
     /// Defaults to no routes (`start` requires a route or a subscription).
     pub fn route(mut self, pattern: &str, sink: impl Sink) -> Self {
-        let added = TopicPattern::parse(pattern).and_then(|p| self.routes.add(p, Arc::new(sink)));
-        if let Err(error) = added {
-            self.route_error.get_or_insert(error);
+        let added = TopicPattern::parse(pattern)
+            .and_then(|p| self.routes.add(p.clone(), Arc::new(sink)).map(|()| p));
+        match added {
+            Ok(pattern) => self.last_added = Some(LastAdded::Route(pattern)),
+            Err(error) => {
+                self.last_added = None;
+                self.route_error.get_or_insert(error);
+            }
+        }
+        self
+    }
+
+    /// Holds the route or subscription added just before (by
+    /// [`route`](Self::route), [`handle`](Self::handle),
+    /// [`subscribe`](Self::subscribe) or
+    /// [`subscribe_handler`](Self::subscribe_handler)) to `limit`: at most
+    /// so many deliveries started in any window, across all workers of
+    /// this relay (see [`RateLimit`] for what waiting means and how several
+    /// relay processes compose). Give clones of one limit to several
+    /// routes to share one budget. With nothing added before it, `start`
+    /// fails with [`Error::Config`].
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let manager = diesel::r2d2::ConnectionManager::new("postgres://localhost/app");
+    /// # let pool = diesel::r2d2::Pool::builder().build_unchecked(manager);
+    /// // The email provider allows 10 requests a second.
+    /// let relay = outbox::Relay::builder(pool)
+    ///     .subscribe("email", &["order.approved"], |event: &outbox::StoredEvent| {
+    ///         println!("email for {}", event.id);
+    ///         Ok(())
+    ///     })
+    ///     .rate_limit(outbox::RateLimit::per_second(10))
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        if let Some(problem) = limit.problem() {
+            self.route_error.get_or_insert(Error::Config {
+                field: "rate_limit",
+                reason: problem.to_owned(),
+            });
+            return self;
+        }
+        match &self.last_added {
+            Some(LastAdded::Route(pattern)) => self.routes.limit(Some(pattern), &limit),
+            Some(LastAdded::Subscription(index)) => {
+                self.subscriptions[*index].routes.limit(None, &limit)
+            }
+            None => {
+                self.route_error.get_or_insert(Error::Config {
+                    field: "rate_limit",
+                    reason: "must follow the route or subscription it limits".into(),
+                });
+            }
         }
         self
     }
@@ -184,11 +240,17 @@ impl RelayBuilder {
                     ),
                 });
             }
-            Ok(served) => self.subscriptions.push(served),
+            Ok(served) => {
+                self.last_added = Some(LastAdded::Subscription(self.subscriptions.len()));
+                self.subscriptions.push(served);
+                return;
+            }
             Err(error) => {
                 self.route_error.get_or_insert(error);
             }
         }
+        // Nothing added: a `.rate_limit` next must not land elsewhere.
+        self.last_added = None;
     }
 
     /// The name recorded in `claimed_by` and in logs. Defaults to
@@ -465,4 +527,11 @@ fn config_error<T>(field: &'static str, reason: impl Into<String>) -> Result<T, 
 
 fn default_name() -> String {
     format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}
+
+/// The route or subscription a [`RelayBuilder::rate_limit`] applies to.
+enum LastAdded {
+    Route(TopicPattern),
+    /// Its index in `subscriptions`.
+    Subscription(usize),
 }

@@ -8,9 +8,9 @@
 use std::collections::HashSet;
 use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
 
-use super::routing::Routes;
+use super::rate::RateLimit;
+use super::routing::{Route, Routes};
 use crate::event::{EventId, StoredEvent};
 use crate::sink::{DeliveryError, Sink};
 
@@ -19,7 +19,7 @@ use crate::sink::{DeliveryError, Sink};
 pub(super) struct Call<'a> {
     /// Where they go; `None` when no route takes their topic (claims only
     /// take routed topics, so this is a safeguard).
-    sink: Option<&'a Arc<dyn Sink>>,
+    route: Option<&'a Route>,
     /// Their positions in the batch.
     pub(super) events: Range<usize>,
 }
@@ -34,15 +34,15 @@ pub(super) fn calls<'a>(routes: &'a Routes, events: &[StoredEvent]) -> Vec<Call<
     let mut calls: Vec<Call<'a>> = Vec::new();
     let mut keys: HashSet<&str> = HashSet::new();
     for (index, event) in events.iter().enumerate() {
-        let sink = routes.sink_for(&event.topic);
+        let route = routes.route_for(&event.topic);
         let key = event.key.as_deref();
         if let Some(last) = calls.last_mut() {
-            let same = match (last.sink, sink) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            let same = match (last.route, route) {
+                (Some(a), Some(b)) => a.same(b),
                 (None, None) => true,
                 _ => false,
             };
-            let room = last.sink.map_or(usize::MAX, |s| s.max_batch().max(1));
+            let room = last.route.map_or(usize::MAX, |r| r.sink.max_batch().max(1));
             let repeats = key.is_some_and(|k| keys.contains(k));
             if same && last.events.len() < room && !repeats {
                 last.events.end = index + 1;
@@ -53,14 +53,31 @@ pub(super) fn calls<'a>(routes: &'a Routes, events: &[StoredEvent]) -> Vec<Call<
         keys.clear();
         keys.extend(key);
         calls.push(Call {
-            sink,
+            route,
             events: index..index + 1,
         });
     }
     calls
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// The limit its sink is held to, if any.
+    pub(super) fn limit(&self) -> Option<&'a RateLimit> {
+        self.route.and_then(|route| route.limit.as_ref())
+    }
+
+    /// Splits off the call's first `n` events (at least one) as a call of
+    /// their own; `self` keeps the rest, which may be none.
+    pub(super) fn split_first(&mut self, n: usize) -> Call<'a> {
+        let end = (self.events.start + n.max(1)).min(self.events.end);
+        let first = Call {
+            route: self.route,
+            events: self.events.start..end,
+        };
+        self.events.start = end;
+        first
+    }
+
     /// Delivers the call's events that `holds` still says are this relay's,
     /// in one [`Sink::deliver_batch`] call. Returns, for every event of the
     /// call in order, its position in the batch and its result: `None` for
@@ -75,7 +92,7 @@ impl Call<'_> {
         batch: &[StoredEvent],
         holds: impl Fn(EventId) -> bool,
     ) -> Vec<(usize, Option<Result<(), DeliveryError>>)> {
-        let sent: Vec<usize> = match self.sink {
+        let sent: Vec<usize> = match self.route {
             Some(_) => self
                 .events
                 .clone()
@@ -83,10 +100,10 @@ impl Call<'_> {
                 .collect(),
             None => Vec::new(),
         };
-        let mut results = match self.sink {
-            Some(sink) if !sent.is_empty() => {
+        let mut results = match self.route {
+            Some(route) if !sent.is_empty() => {
                 let events: Vec<&StoredEvent> = sent.iter().map(|&i| &batch[i]).collect();
-                deliver_batch(&**sink, &events).into_iter()
+                deliver_batch(&*route.sink, &events).into_iter()
             }
             _ => Vec::new().into_iter(),
         };
@@ -129,6 +146,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::relay::routing::TopicPattern;
 

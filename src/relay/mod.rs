@@ -13,6 +13,7 @@ mod deliver;
 mod housekeeping;
 mod listener;
 mod pq;
+mod rate;
 mod routing;
 mod subscription;
 pub(crate) mod wakeup;
@@ -31,6 +32,7 @@ use crate::error::Error;
 use crate::observe::{Counters, Observer, RelayStats};
 
 pub use builder::RelayBuilder;
+pub use rate::RateLimit;
 pub use routing::TopicPattern;
 pub use subscription::DEFAULT_SUBSCRIPTION;
 

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use super::rate::RateLimit;
 use crate::error::{excerpt, Error};
 use crate::new_event::validate_topic;
 use crate::sink::Sink;
@@ -79,7 +80,27 @@ impl fmt::Display for TopicPattern {
 /// The routing table of one relay: the most specific pattern wins.
 #[derive(Clone, Default)]
 pub(crate) struct Routes {
-    routes: Vec<(TopicPattern, Arc<dyn Sink>)>,
+    routes: Vec<(TopicPattern, Route)>,
+}
+
+/// Where a pattern's events go, and how fast.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) limit: Option<RateLimit>,
+}
+
+impl Route {
+    /// Whether events of `self` and `other` may share one sink call: the
+    /// same sink under the same limit.
+    pub(crate) fn same(&self, other: &Route) -> bool {
+        Arc::ptr_eq(&self.sink, &other.sink)
+            && match (&self.limit, &other.limit) {
+                (Some(a), Some(b)) => a.same(b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 impl Routes {
@@ -91,7 +112,7 @@ impl Routes {
                 reason: format!("pattern {pattern} is routed twice"),
             });
         }
-        self.routes.push((pattern, sink));
+        self.routes.push((pattern, Route { sink, limit: None }));
         self.routes
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.specificity()));
         Ok(())
@@ -101,12 +122,27 @@ impl Routes {
         self.routes.is_empty()
     }
 
-    /// The sink for `topic`, if this relay routes it.
-    pub(crate) fn sink_for(&self, topic: &str) -> Option<&Arc<dyn Sink>> {
+    /// Limits the routes of `pattern` (every route when `None`) to `limit`.
+    pub(crate) fn limit(&mut self, pattern: Option<&TopicPattern>, limit: &RateLimit) {
+        for (p, route) in &mut self.routes {
+            if pattern.is_none_or(|pattern| pattern == p) {
+                route.limit = Some(limit.clone());
+            }
+        }
+    }
+
+    /// The route of `topic`, if this relay routes it.
+    pub(crate) fn route_for(&self, topic: &str) -> Option<&Route> {
         self.routes
             .iter()
             .find(|(pattern, _)| pattern.matches(topic))
-            .map(|(_, sink)| sink)
+            .map(|(_, route)| route)
+    }
+
+    /// The sink for `topic`, if this relay routes it.
+    #[cfg(test)]
+    pub(crate) fn sink_for(&self, topic: &str) -> Option<&Arc<dyn Sink>> {
+        self.route_for(topic).map(|route| &route.sink)
     }
 
     /// The claim filter: exact topics and `LIKE` prefixes, or everything.

@@ -355,19 +355,55 @@ impl Worker {
         // event per call unless the sink takes batches). A call never holds
         // two events of one key, so that a failure holds back the later
         // ones of its key.
-        for call in deliver::calls(&served.routes, &events[..deliverable]) {
-            if self.stopping() {
-                let rest = call.events.start..deliverable;
-                outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
-                break;
-            }
-            if lease.due() {
-                // The whole batch: delivered events stay held until the settle.
-                match self.extend_lease(conn, &batch) {
-                    Some(held) => lease.renewed(held),
-                    None => lease.renewal_failed(),
+        let mut calls: std::collections::VecDeque<_> =
+            deliver::calls(&served.routes, &events[..deliverable]).into();
+        while let Some(mut call) = calls.pop_front() {
+            // A rate-limited call goes as far as the limit allows now; the
+            // rest waits, its lease renewed, unattempted.
+            let call = loop {
+                if self.stopping() {
+                    break Err(call.events.start);
                 }
-            }
+                if lease.due() {
+                    // The whole batch: delivered events stay held until the settle.
+                    match self.extend_lease(conn, &batch) {
+                        Some(held) => lease.renewed(held),
+                        None => lease.renewal_failed(),
+                    }
+                }
+                let Some(limit) = call.limit() else {
+                    break Ok(call);
+                };
+                match limit.take(call.events.len(), Instant::now()) {
+                    Ok(granted) => {
+                        let first = call.split_first(granted);
+                        if !call.events.is_empty() {
+                            calls.push_front(call);
+                        }
+                        break Ok(first);
+                    }
+                    Err(free_at) => {
+                        // Never past the lease's renewal (and never a spin,
+                        // however slow the sink's calls have been).
+                        let renewal = lease
+                            .due_at()
+                            .max(Instant::now() + Duration::from_millis(10));
+                        let until = free_at.min(renewal);
+                        select! {
+                            recv(self.shutdown) -> _ => {}
+                            default(until.saturating_duration_since(Instant::now())) => {}
+                        }
+                    }
+                }
+            };
+            let call = match call {
+                Ok(call) => call,
+                Err(unattempted) => {
+                    let rest = unattempted..deliverable;
+                    outcomes.extend(rest.map(|i| Outcome::release(&events[i], i)));
+                    break;
+                }
+            };
             let held: std::collections::HashSet<EventId> = call
                 .events
                 .clone()
@@ -621,6 +657,14 @@ impl LeaseKeeper {
     fn due(&self) -> bool {
         let elapsed = self.renewed_at.elapsed();
         elapsed > self.lease / 2 || elapsed + self.longest_call * 2 > self.lease
+    }
+
+    /// When [`due`](Self::due) turns true, for a wait that must not
+    /// outlast the lease.
+    fn due_at(&self) -> Instant {
+        let half = self.lease / 2;
+        let before_calls = self.lease.saturating_sub(self.longest_call * 2);
+        self.renewed_at + half.min(before_calls)
     }
 
     fn renewed(&mut self, held: Vec<EventId>) {

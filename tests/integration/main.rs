@@ -20,6 +20,7 @@ mod relay_housekeeping;
 mod relay_leases;
 mod relay_order;
 mod relay_processes;
+mod relay_rate_limit;
 mod relay_schedule;
 mod relay_subscriptions;
 mod relay_support;

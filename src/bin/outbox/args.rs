@@ -200,6 +200,10 @@ pub struct Relay {
     /// Deliver everything due, then exit 0 with a summary on stderr.
     #[arg(long)]
     pub drain: bool,
+    /// At most N deliveries started in any window (10/s, 600/min, 5/100ms),
+    /// across this relay's workers; per relay process.
+    #[arg(long, value_name = "N/PER", value_parser = parse_rate)]
+    pub rate: Option<(u32, Duration)>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -357,6 +361,25 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         zero if zero.is_zero() => Err("must be greater than zero".to_owned()),
         duration => Ok(duration),
     }
+}
+
+/// `10/s`, `600/min`, `5/100ms`: a count and a window.
+fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let (count, per) = text
+        .split_once('/')
+        .ok_or_else(|| "expected N/PER, e.g. 10/s or 600/min".to_owned())?;
+    let count: u32 = match count.trim().parse() {
+        Ok(0) | Err(_) => return Err(format!("{count:?} is not a positive whole number")),
+        Ok(count) => count,
+    };
+    let per = per.trim();
+    // A bare unit is one of it: "s" is "1s".
+    let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
+        parse_positive_duration(per)?
+    } else {
+        parse_positive_duration(&format!("1{per}"))?
+    };
+    Ok((count, per))
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {

@@ -243,12 +243,20 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
         .lease_duration(lease)
         .backoff(backoff)
         .observer(Metrics);
+    // One budget for the whole sink: every route gets a clone.
+    let limit = args.rate.map(|(n, per)| outbox::RateLimit::new(n, per));
     if args.subscription.is_some() {
         let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
         builder = builder.subscribe(&subscription, &topics, sink);
+        if let Some(limit) = &limit {
+            builder = builder.rate_limit(limit.clone());
+        }
     } else {
         for pattern in &args.topics {
             builder = builder.route(pattern, sink.clone());
+            if let Some(limit) = &limit {
+                builder = builder.rate_limit(limit.clone());
+            }
         }
     }
     let relay = builder.start()?;
