@@ -28,6 +28,14 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// An idempotency key is empty, longer than 255 bytes, or contains a
+    /// NUL character. Nothing was written.
+    #[error("invalid idempotency key: {reason}")]
+    InvalidIdempotencyKey {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
     /// A header name is empty, or a name or value contains a NUL character.
     /// Nothing was written.
     #[error("invalid header {name:?}: {reason}")]

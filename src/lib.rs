@@ -114,7 +114,9 @@ pub use backoff::Backoff;
 pub use error::{Error, Result};
 pub use event::{Event, EventId, Headers, StoredEvent};
 pub use migrate::migrate;
-pub use new_event::{validate_topic, NewEvent, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN};
+pub use new_event::{
+    validate_topic, NewEvent, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN,
+};
 pub use observe::{NoopObserver, Observer, RelayStats};
 pub use publish::{publish, publish_all, publish_event, publish_events};
 pub use queue::queued_events;

@@ -47,7 +47,12 @@ pub struct NewEvent {
     key: Option<String>,
     headers: Headers,
     available_at: Option<DateTime<Utc>>,
+    idempotency_key: Option<String>,
 }
+
+/// The longest idempotency key accepted, in bytes (the table enforces the
+/// same limit).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 impl NewEvent {
     /// An event of type `E`, under `E::TOPIC`, with `event.key()` as its key.
@@ -76,6 +81,7 @@ impl NewEvent {
             key: event.key(),
             headers: Headers::new(),
             available_at: None,
+            idempotency_key: None,
         }
     }
 
@@ -89,6 +95,7 @@ impl NewEvent {
             key: None,
             headers: Headers::new(),
             available_at: None,
+            idempotency_key: None,
         }
     }
 
@@ -108,6 +115,27 @@ impl NewEvent {
     /// Adds a header (replacing one of the same name), forwarded by sinks.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Makes the publish idempotent: while an event with the same key was
+    /// published within the window (7 days by default, docs/schema.md),
+    /// publishing this one writes nothing and returns that event's id.
+    ///
+    /// Safe under concurrency: of two transactions publishing one key at
+    /// once, the second waits for the first to commit (then writes nothing
+    /// and gets the first's id) or roll back (then writes its own). Under
+    /// `REPEATABLE READ` or `SERIALIZABLE`, the second fails with a
+    /// serialization error instead, to be retried like any other. 1 to
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`] bytes, no NUL.
+    ///
+    /// ```
+    /// let event = outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+    ///     .idempotency_key("order-7-approved");
+    /// # let _ = event;
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -136,6 +164,20 @@ impl NewEvent {
             return Err(Error::InvalidKey {
                 reason: "contains a NUL character",
             });
+        }
+        if let Some(key) = &self.idempotency_key {
+            let reason = if key.is_empty() {
+                Some("empty")
+            } else if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+                Some("longer than 255 bytes")
+            } else if key.contains('\0') {
+                Some("contains a NUL character")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Error::InvalidIdempotencyKey { reason });
+            }
         }
         for (name, value) in &self.headers {
             let reason = if name.is_empty() {
@@ -170,6 +212,7 @@ impl NewEvent {
             payload,
             headers,
             available_at: self.available_at,
+            idempotency_key: self.idempotency_key,
         })
     }
 }
@@ -184,6 +227,7 @@ pub(crate) struct ValidEvent {
     pub(crate) headers: Option<String>,
     /// `None` for "now": the column default applies.
     pub(crate) available_at: Option<DateTime<Utc>>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 /// Checks a topic: 1 to [`MAX_TOPIC_LEN`] bytes, no control characters.

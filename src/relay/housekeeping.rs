@@ -7,6 +7,9 @@
 //!   `outbox.events` that all subscriptions have passed is `TRUNCATE`d
 //!   (never waiting for a lock). No row of the log is ever deleted one by
 //!   one, so VACUUM never chases them.
+//! - **Idempotency keys.** On the same timer it deletes the keys whose
+//!   window ended (`outbox.expire_idempotency_keys`, 10,000 a call, again
+//!   while calls come back full), oldest first.
 //! - **Stranded rows.** A row of `outbox.deliveries` waiting behind the
 //!   head of its key is woken by the settle that removes the head, in the
 //!   same transaction. A head removed some other way (by hand) would leave
@@ -111,6 +114,19 @@ impl Housekeeping {
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(relay = %relay, %error, "reclaiming outbox.events failed"),
+        }
+        loop {
+            match maintenance::expire_idempotency_keys(conn) {
+                Ok(expired) if expired == maintenance::EXPIRE_KEYS_PER_CALL => continue,
+                Ok(expired) if expired > 0 => {
+                    tracing::debug!(relay = %relay, expired, "deleted expired idempotency keys");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(relay = %relay, %error, "expiring idempotency keys failed");
+                }
+            }
+            break;
         }
         match crate::store::wake_stranded(conn) {
             Ok(ids) if !ids.is_empty() => {

@@ -33,6 +33,10 @@ pub(super) struct Worker {
     pub(super) shutdown: Receiver<()>,
 }
 
+/// A worker waiting longer than this for a rate limit gives its pooled
+/// connection back meanwhile.
+const GIVE_BACK_AFTER: Duration = Duration::from_millis(20);
+
 /// What a round found, to decide how soon to look again.
 enum Round {
     /// More may be waiting (rows of the log, which other lanes may have
@@ -366,7 +370,18 @@ impl Worker {
                 }
                 if lease.due() {
                     // The whole batch: delivered events stay held until the settle.
-                    match self.extend_lease(conn, &batch) {
+                    let renewed = match slot {
+                        Some(conn) => self.extend_lease(conn, &batch),
+                        // Given back while waiting for a rate limit.
+                        None => match shared.pool.get() {
+                            Ok(conn) => self.extend_lease(slot.insert(conn), &batch),
+                            Err(error) => {
+                                tracing::warn!(relay = %shared.name, %error, "no connection to renew a lease");
+                                None
+                            }
+                        },
+                    };
+                    match renewed {
                         Some(held) => lease.renewed(held),
                         None => lease.renewal_failed(),
                     }
@@ -383,6 +398,11 @@ impl Worker {
                         break Ok(first);
                     }
                     Err(free_at) => {
+                        // A long wait gives the connection back to the
+                        // pool: other subscriptions' workers need it more.
+                        if free_at.saturating_duration_since(Instant::now()) > GIVE_BACK_AFTER {
+                            *slot = None;
+                        }
                         // Never past the lease's renewal (and never a spin,
                         // however slow the sink's calls have been).
                         let renewal = lease

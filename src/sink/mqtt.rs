@@ -205,6 +205,12 @@ impl MqttBuilder {
             // rumqttc counts whole seconds.
             .set_connection_timeout(self.timeout.as_secs_f64().ceil() as u64)
             .set_outgoing_inflight_upper_limit(self.max_inflight);
+        let mut network = rumqttc::NetworkOptions::new();
+        // rumqttc writes each publish on its own: without TCP_NODELAY every
+        // write after the first waits for the broker's delayed ACK (40 ms).
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(options.connection_timeout());
+        options.set_network_options(network);
         if let Some((user, password)) = broker.credentials {
             options.set_credentials(user, password);
         }

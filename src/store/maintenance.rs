@@ -95,3 +95,20 @@ pub(crate) fn oldest_snapshot(conn: &mut PgConnection) -> QueryResult<Option<Old
     .get_result::<OldestSnapshot>(conn)
     .optional()
 }
+
+/// Idempotency keys deleted per call of [`expire_idempotency_keys`].
+pub(crate) const EXPIRE_KEYS_PER_CALL: i32 = 10_000;
+
+/// Deletes up to [`EXPIRE_KEYS_PER_CALL`] idempotency keys whose window
+/// ended (`outbox.expire_idempotency_keys`); returns how many.
+pub(crate) fn expire_idempotency_keys(conn: &mut PgConnection) -> QueryResult<i32> {
+    #[derive(diesel::QueryableByName)]
+    struct Expired {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        expired: i32,
+    }
+    diesel::sql_query("SELECT outbox.expire_idempotency_keys($1) AS expired")
+        .bind::<diesel::sql_types::Integer, _>(EXPIRE_KEYS_PER_CALL)
+        .get_result::<Expired>(conn)
+        .map(|row| row.expired)
+}

@@ -42,8 +42,12 @@ diesel::define_sql_function! {
 }
 
 /// Inserts one event. A prepared statement cached per connection; the row
-/// takes no lock anyone else waits on (relays skip uncommitted rows).
+/// takes no lock anyone else waits on (relays skip uncommitted rows). An
+/// event with an idempotency key goes through [`insert_idempotent`].
 pub(crate) fn insert_event(conn: &mut PgConnection, event: &ValidEvent) -> QueryResult<EventId> {
+    if let Some(key) = &event.idempotency_key {
+        return insert_idempotent(conn, event, key);
+    }
     diesel::insert_into(events::table)
         .values(event_values(event))
         .returning(events::id)
@@ -57,11 +61,36 @@ const ROWS_PER_INSERT: usize = 10_000;
 
 /// Inserts many events, one statement and one round trip per 10,000.
 /// Returns their ids in input order: identity values are drawn row by row
-/// in input order, so sorting each statement's ids restores it.
+/// in input order, so sorting each statement's ids restores it. Events
+/// with an idempotency key go one statement each, in their place, so ids
+/// keep the input order.
 pub(crate) fn insert_events(
     conn: &mut PgConnection,
     batch: &[ValidEvent],
 ) -> QueryResult<Vec<EventId>> {
+    if batch.iter().all(|e| e.idempotency_key.is_none()) {
+        return insert_plain_events(conn, batch);
+    }
+    let mut all = Vec::with_capacity(batch.len());
+    let mut rest = batch;
+    while let Some(first) = rest.first() {
+        if let Some(key) = &first.idempotency_key {
+            all.push(insert_idempotent(conn, first, key)?);
+            rest = &rest[1..];
+            continue;
+        }
+        let plain = rest
+            .iter()
+            .position(|e| e.idempotency_key.is_some())
+            .unwrap_or(rest.len());
+        all.extend(insert_plain_events(conn, &rest[..plain])?);
+        rest = &rest[plain..];
+    }
+    Ok(all)
+}
+
+/// [`insert_events`] for events without idempotency keys.
+fn insert_plain_events(conn: &mut PgConnection, batch: &[ValidEvent]) -> QueryResult<Vec<EventId>> {
     let mut all = Vec::with_capacity(batch.len());
     for chunk in batch.chunks(ROWS_PER_INSERT) {
         let rows: Vec<EventValues<'_>> = chunk.iter().map(event_values).collect();
@@ -73,4 +102,53 @@ pub(crate) fn insert_events(
         all.extend(ids.into_iter().map(EventId));
     }
     Ok(all)
+}
+
+/// Writes `event` under the idempotency `key`, in one statement: the key's
+/// row is taken (or, past its window, taken over) and the event inserted
+/// with the id drawn for it; when the key is taken within its window,
+/// nothing is written and the id is that of the key's event.
+///
+/// The upsert waits on the key's unique index for a concurrent publisher of
+/// the same key: when that one commits, this one writes nothing (`DO
+/// UPDATE … WHERE` finds the key unexpired); when it rolls back, this one
+/// takes the key. The key's event id is then read by a statement of its
+/// own, whose snapshot (in `READ COMMITTED`) sees the other's commit.
+fn insert_idempotent(
+    conn: &mut PgConnection,
+    event: &ValidEvent,
+    key: &str,
+) -> QueryResult<EventId> {
+    use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz};
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let written = diesel::sql_query(
+        "WITH k AS (
+             INSERT INTO outbox.idempotency_keys AS k (key) VALUES ($1)
+             ON CONFLICT (key) DO UPDATE
+                 SET event_id = excluded.event_id, expires_at = excluded.expires_at
+                 WHERE k.expires_at <= now()
+             RETURNING k.event_id)
+         INSERT INTO outbox.events (id, topic, key, payload, headers, available_at)
+         SELECT k.event_id, $2, $3, $4, $5, coalesce($6, now()) FROM k
+         RETURNING id",
+    )
+    .bind::<Text, _>(key)
+    .bind::<Text, _>(event.topic.as_str())
+    .bind::<Nullable<Text>, _>(event.key.as_deref())
+    .bind::<Jsonb, _>(RawJson(&event.payload))
+    .bind::<Jsonb, _>(RawJson(event.headers.as_deref().unwrap_or("{}")))
+    .bind::<Nullable<Timestamptz>, _>(event.available_at)
+    .get_result::<Id>(conn)
+    .optional()?;
+    if let Some(written) = written {
+        return Ok(EventId(written.id));
+    }
+    diesel::sql_query("SELECT event_id AS id FROM outbox.idempotency_keys WHERE key = $1")
+        .bind::<Text, _>(key)
+        .get_result::<Id>(conn)
+        .map(|taken| EventId(taken.id))
 }

@@ -11,6 +11,7 @@ mod common;
 mod migrate;
 mod properties;
 mod publish;
+mod publish_idempotent;
 mod publish_in_transaction;
 mod relay_blocked_keys;
 mod relay_connections;

@@ -127,6 +127,10 @@ pub struct Publish {
     /// Deliver no earlier than this from now (500ms, 30s, 2h).
     #[arg(long, value_parser = parse_duration)]
     pub delay: Option<Duration>,
+    /// Publish only if no event with this key was published within the
+    /// window (7 days by default); prints that event's id otherwise.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
     /// The JSON payload, or - to read it from standard input.
     #[arg(long)]
     pub payload: String,

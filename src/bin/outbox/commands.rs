@@ -74,6 +74,9 @@ pub fn publish(cli: &Cli, args: &Publish) -> Result {
     if let Some(delay) = args.delay {
         event = event.delay(delay);
     }
+    if let Some(key) = &args.idempotency_key {
+        event = event.idempotency_key(key);
+    }
     let mut conn = connect(cli)?;
     let id = outbox::transaction(&mut conn, |tx| tx.publish_event(event))
         .map_err(outbox::Error::from)?;

@@ -1,0 +1,2 @@
+DROP FUNCTION outbox.expire_idempotency_keys(integer);
+DROP TABLE outbox.idempotency_keys;
