@@ -102,10 +102,12 @@ fn set_subscriptions(conn: &mut PgConnection, n: usize) {
 /// Every candidate starts from empty tables (nothing delivers here, so
 /// the log would otherwise grow from one candidate to the next).
 fn empty_tables(conn: &mut PgConnection) {
-    conn.batch_execute("TRUNCATE orders, bench.events, outbox.events")
+    conn.batch_execute("TRUNCATE orders, bench.events, outbox.events, outbox.idempotency_keys")
         .unwrap();
-    conn.batch_execute("VACUUM ANALYZE orders, bench.events, outbox.events")
-        .unwrap();
+    conn.batch_execute(
+        "VACUUM ANALYZE orders, bench.events, outbox.events, outbox.idempotency_keys",
+    )
+    .unwrap();
 }
 
 fn publish(c: &mut Criterion) {
@@ -169,6 +171,41 @@ fn publish(c: &mut Criterion) {
         }
         set_subscriptions(&mut conn, 0);
     }
+    // Without diesel's statement cache, as behind PgBouncer
+    // (outbox::NoStatementCache), beside outbox_transaction/subs0/1.
+    empty_tables(&mut conn);
+    conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+    group.bench_function(
+        BenchmarkId::new("outbox_transaction/no_statement_cache", 1),
+        |b| {
+            b.iter(|| {
+                outbox::transaction(&mut conn, |tx| {
+                    let id = next_order();
+                    insert_order(tx.conn(), id)?;
+                    tx.publish(&event(id)).map(|_| ())
+                })
+                .unwrap()
+            })
+        },
+    );
+    conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Unbounded);
+    // An idempotency key on every event (each new): the key's row and
+    // index entry, and the one-statement claim-and-insert, beside
+    // raw_sql/1 and outbox_transaction/subs0/1 above.
+    empty_tables(&mut conn);
+    group.bench_function(BenchmarkId::new("outbox_transaction/idempotent", 1), |b| {
+        b.iter(|| {
+            outbox::transaction(&mut conn, |tx| {
+                let id = next_order();
+                insert_order(tx.conn(), id)?;
+                tx.publish_event(
+                    outbox::NewEvent::typed(&event(id)).idempotency_key(format!("order-{id}")),
+                )
+                .map(|_| ())
+            })
+            .unwrap()
+        })
+    });
     group.finish();
     // Keep the log from growing across benchmark runs on a shared server.
     empty_tables(&mut conn);

@@ -98,6 +98,7 @@ mod event;
 mod migrate;
 mod new_event;
 mod observe;
+mod pooler;
 mod publish;
 mod queue;
 mod relay;
@@ -118,6 +119,7 @@ pub use new_event::{
     validate_topic, NewEvent, MAX_IDEMPOTENCY_KEY_LEN, MAX_PAYLOAD_DEPTH, MAX_TOPIC_LEN,
 };
 pub use observe::{NoopObserver, Observer, RelayStats};
+pub use pooler::NoStatementCache;
 pub use publish::{publish, publish_all, publish_event, publish_events};
 pub use queue::queued_events;
 pub use relay::{

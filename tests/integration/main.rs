@@ -9,6 +9,7 @@ mod bad_inputs;
 mod cli;
 mod common;
 mod migrate;
+mod pgbouncer;
 mod properties;
 mod publish;
 mod publish_idempotent;

@@ -208,6 +208,12 @@ pub struct Relay {
     /// across this relay's workers; per relay process.
     #[arg(long, value_name = "N/PER", value_parser = parse_rate)]
     pub rate: Option<(u32, Duration)>,
+    /// LISTEN for wake-ups on this URL instead of the database URL: a
+    /// direct connection to the server, when the database URL goes through
+    /// a transaction-mode pooler (PgBouncer). The relay then also turns off
+    /// prepared statements on its pooled connections.
+    #[arg(long, value_name = "URL")]
+    pub listen_url: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -402,7 +408,9 @@ pub fn redact_secrets(cli: &Cli, text: &str) -> String {
         urls.extend(relay.redis_url.as_deref());
         urls.extend(relay.nats_url.as_deref());
         urls.extend(relay.url.as_deref());
+        urls.extend(relay.listen_url.as_deref());
         secrets.extend(relay.secret.as_deref());
+        secrets.extend(relay.kafka_password.as_deref());
     }
     for url in urls {
         if let Some(password) = password_of(url) {

@@ -39,9 +39,14 @@ pub fn database_url(cli: &Cli) -> Result<&str> {
     Ok(url)
 }
 
+/// A connection for one command. Without diesel's statement cache: a
+/// command runs a few statements once, and so it works through a
+/// transaction-mode pooler (PgBouncer) too.
 pub fn connect(cli: &Cli) -> Result<PgConnection> {
     let url = database_url(cli)?;
-    PgConnection::establish(url).map_err(|e| outbox::Error::from(e).into())
+    let mut conn = PgConnection::establish(url).map_err(outbox::Error::from)?;
+    conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+    Ok(conn)
 }
 
 pub fn migrate(cli: &Cli) -> Result {

@@ -230,12 +230,17 @@ pub fn run(cli: &Cli, args: &Relay) -> Result {
             .install()
             .map_err(|e| format!("serving metrics on {addr}: {e}"))?;
     }
-    let pool = Pool::builder()
+    let mut pool = Pool::builder()
         .max_size(args.workers as u32 + 2)
-        .min_idle(Some(1))
-        .build_unchecked(ConnectionManager::<PgConnection>::new(url.clone()));
+        .min_idle(Some(1));
+    // A separate LISTEN URL means the database URL goes through a
+    // transaction-mode pooler: no prepared statements on its connections.
+    if args.listen_url.is_some() {
+        pool = pool.connection_customizer(Box::new(outbox::NoStatementCache));
+    }
+    let pool = pool.build_unchecked(ConnectionManager::<PgConnection>::new(url.clone()));
     let mut builder = outbox::Relay::builder(pool)
-        .listen(url)
+        .listen(args.listen_url.clone().unwrap_or(url))
         .workers(args.workers)
         .batch_size(args.batch_size)
         .poll_interval(args.poll_interval)
