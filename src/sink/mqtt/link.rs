@@ -68,7 +68,6 @@ impl Waiter {
 /// What the broker's CONNACK allows.
 #[derive(Clone, Copy)]
 struct Limits {
-    receive_max: Option<u16>,
     max_packet_size: Option<u32>,
     max_qos: Option<u8>,
 }
@@ -164,14 +163,6 @@ impl Link {
         matches!(self.track().phase, Phase::Closed(_))
     }
 
-    /// The broker's receive maximum, once connected.
-    pub(super) fn receive_max(&self) -> Option<u16> {
-        match self.track().phase {
-            Phase::Connected(limits) => limits.receive_max,
-            _ => None,
-        }
-    }
-
     /// Waits until the connection is up (or fails, or `deadline` passes).
     pub(super) fn connected(&self, deadline: Instant) -> Result<(), DeliveryError> {
         let mut track = self.track();
@@ -213,7 +204,6 @@ impl Link {
             }
             Phase::Connected(limits) => *limits,
             Phase::Connecting => Limits {
-                receive_max: None,
                 max_packet_size: None,
                 max_qos: None,
             },
@@ -307,7 +297,6 @@ fn handle(track: &mut Track, event: Event) {
         Event::Incoming(Packet::ConnAck(connack)) => {
             let props = connack.properties.as_ref();
             track.phase = Phase::Connected(Limits {
-                receive_max: props.and_then(|p| p.receive_max),
                 max_packet_size: props.and_then(|p| p.max_packet_size),
                 max_qos: props.and_then(|p| p.max_qos),
             });
