@@ -4,7 +4,7 @@
 //! the brokers also pipelined a batch at a time (`plain_pipelined`).
 //!
 //! `DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench --bench sinks --all-features`
-//! (Redis, RabbitMQ and NATS JetStream on their default local ports)
+//! (Redis, RabbitMQ, NATS JetStream and Mosquitto on their default local ports)
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -300,5 +300,23 @@ fn amqp(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, webhook, redis, nats, amqp);
+/// No subscriber: Mosquitto answers PUBACK 0x10, which both count as
+/// delivered (the sink's default).
+fn mqtt(c: &mut Criterion) {
+    let sink = outbox::MqttSink::builder("mqtt://127.0.0.1:1883", "outboxbench")
+        .build()
+        .unwrap();
+    let plain = RefCell::new(plain::Mqtt::connect(1883, "outboxbench/plain"));
+    compare(
+        c,
+        "mqtt",
+        Arc::new(sink),
+        vec![(
+            "plain_pipelined",
+            Box::new(|m: &[_]| plain.borrow_mut().pipelined(m)),
+        )],
+    );
+}
+
+criterion_group!(benches, webhook, redis, nats, amqp, mqtt);
 criterion_main!(benches);

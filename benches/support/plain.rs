@@ -240,3 +240,71 @@ impl Amqp {
         })
     }
 }
+
+/// A plain rumqttc v5 client publishing what `MqttSink` publishes (QoS 1,
+/// same properties), polling its own event loop for the PUBACKs.
+pub struct Mqtt {
+    pub client: rumqttc::v5::Client,
+    pub connection: rumqttc::v5::Connection,
+    pub topic: &'static str,
+}
+
+impl Mqtt {
+    /// A client for the broker at 127.0.0.1:`port`, room for a pipeline.
+    pub fn connect(port: u16, topic: &'static str) -> Mqtt {
+        let mut options = rumqttc::v5::MqttOptions::new("outbox-bench-plain", "127.0.0.1", port);
+        // As the sink does: without it, each publish after the first waits
+        // for a delayed ACK.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
+        let (client, connection) = rumqttc::v5::Client::new(options, PIPELINE);
+        Mqtt {
+            client,
+            connection,
+            topic,
+        }
+    }
+
+    /// [`PIPELINE`] publishes, then their PUBACKs.
+    pub fn pipelined(&mut self, messages: &[Value]) {
+        use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+        use rumqttc::v5::Event;
+        for (chunk_no, chunk) in messages.chunks(PIPELINE).enumerate() {
+            for (n, data) in chunk.iter().enumerate() {
+                let properties = PublishProperties {
+                    payload_format_indicator: Some(1),
+                    content_type: Some("application/json".into()),
+                    user_properties: vec![
+                        ("outbox-id".into(), (chunk_no * PIPELINE + n).to_string()),
+                        ("outbox-topic".into(), "order.approved".into()),
+                        ("outbox-attempt".into(), "1".into()),
+                    ],
+                    ..PublishProperties::default()
+                };
+                self.client
+                    .publish_with_properties(
+                        self.topic,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        data.to_string().into_bytes(),
+                        properties,
+                    )
+                    .unwrap();
+            }
+            let mut acked = 0;
+            while acked < chunk.len() {
+                if let Event::Incoming(Packet::PubAck(ack)) =
+                    self.connection.recv().unwrap().unwrap()
+                {
+                    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+                    assert!(matches!(
+                        ack.reason,
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    ));
+                    acked += 1;
+                }
+            }
+        }
+    }
+}
