@@ -567,8 +567,8 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// The rustls client configuration for `mqtts://`, with its crypto provider
 /// named here rather than taken from the process default (which panics when
-/// several providers are compiled in and none was installed): aws-lc-rs,
-/// the provider rumqttc's `use-rustls` feature brings.
+/// several providers are compiled in and none was installed): ring, which
+/// the `mqtt` feature brings (lighter to build than aws-lc-rs).
 fn tls_config(pem: Option<Vec<u8>>) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let pem = match pem {
@@ -583,7 +583,7 @@ fn tls_config(pem: Option<Vec<u8>>) -> Result<rustls::ClientConfig, String> {
     if added == 0 {
         return Err("no usable CA certificate".into());
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
