@@ -4,7 +4,8 @@
 //! the brokers also pipelined a batch at a time (`plain_pipelined`).
 //!
 //! `DATABASE_URL=postgres://postgres@127.0.0.1/test cargo bench --bench sinks --all-features`
-//! (Redis, RabbitMQ, NATS JetStream and Mosquitto on their default local ports)
+//! (Redis, RabbitMQ, NATS JetStream and Mosquitto on their default local ports;
+//! Kafka only with `KAFKA_BROKERS`, e.g. a local tansu: docs/sinks.md)
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -318,5 +319,28 @@ fn mqtt(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, webhook, redis, nats, amqp, mqtt);
+/// Only against a real Kafka-protocol broker (`KAFKA_BROKERS`): librdkafka's
+/// in-process mock cluster, which the tests use, is no throughput figure.
+fn kafka(c: &mut Criterion) {
+    let Ok(brokers) = std::env::var("KAFKA_BROKERS") else {
+        eprintln!("sink/kafka skipped: set KAFKA_BROKERS to a Kafka-protocol broker");
+        return;
+    };
+    let sink = outbox::KafkaSink::builder(&brokers)
+        .topic_template("outbox-bench")
+        .build()
+        .unwrap();
+    let plain = RefCell::new(plain::Kafka::connect(&brokers, "outbox-bench-plain"));
+    compare(
+        c,
+        "kafka",
+        Arc::new(sink),
+        vec![(
+            "plain_pipelined",
+            Box::new(|m: &[_]| plain.borrow_mut().pipelined(m)),
+        )],
+    );
+}
+
+criterion_group!(benches, webhook, redis, nats, amqp, mqtt, kafka);
 criterion_main!(benches);

@@ -308,3 +308,61 @@ impl Mqtt {
         }
     }
 }
+
+/// An idempotent librdkafka producer (`acks=all`, as `KafkaSink`'s)
+/// producing what the sink produces, waiting for every delivery report of
+/// a pipeline.
+pub struct Kafka {
+    pub producer: rdkafka::producer::BaseProducer,
+    pub topic: String,
+}
+
+impl Kafka {
+    pub fn connect(brokers: &str, topic: &str) -> Kafka {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap();
+        Kafka {
+            producer,
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// [`PIPELINE`] records, then all their delivery reports (a failed one
+    /// panics).
+    pub fn pipelined(&mut self, messages: &[Value]) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseRecord, Producer};
+        for (chunk_no, chunk) in messages.chunks(PIPELINE).enumerate() {
+            for (n, data) in chunk.iter().enumerate() {
+                let id = (chunk_no * PIPELINE + n).to_string();
+                let value = data.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "outbox-id",
+                        value: Some(&id),
+                    })
+                    .insert(Header {
+                        key: "outbox-topic",
+                        value: Some("order.approved"),
+                    })
+                    .insert(Header {
+                        key: "outbox-attempt",
+                        value: Some("1"),
+                    });
+                let record = BaseRecord::<(), _>::to(&self.topic)
+                    .payload(&value)
+                    .headers(headers);
+                self.producer.send(record).map_err(|(e, _)| e).unwrap();
+            }
+            self.producer
+                .flush(std::time::Duration::from_secs(30))
+                .unwrap();
+        }
+    }
+}
