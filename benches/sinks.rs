@@ -319,6 +319,25 @@ fn mqtt(c: &mut Criterion) {
     );
 }
 
+/// A sink that takes a whole batch and does nothing: the relay's own
+/// ceiling at batch 100 (claim, settle, bookkeeping), which bounds every
+/// sink above (issue 14, item 3).
+struct Null;
+
+impl outbox::Sink for Null {
+    fn deliver(&self, _: &outbox::StoredEvent) -> Result<(), outbox::DeliveryError> {
+        Ok(())
+    }
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+}
+
+fn null(c: &mut Criterion) {
+    compare(c, "null", Arc::new(Null), Vec::new());
+}
+
 /// Only against a real Kafka-protocol broker (`KAFKA_BROKERS`): librdkafka's
 /// in-process mock cluster, which the tests use, is no throughput figure.
 fn kafka(c: &mut Criterion) {
@@ -342,5 +361,5 @@ fn kafka(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, webhook, redis, nats, amqp, mqtt, kafka);
+criterion_group!(benches, null, webhook, redis, nats, amqp, mqtt, kafka);
 criterion_main!(benches);
