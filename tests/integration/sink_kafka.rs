@@ -263,9 +263,25 @@ fn a_record_too_large_is_dead_lettered_and_the_rest_delivered() {
     assert_eq!(got[0].headers["outbox-id"], small[0].to_string());
 }
 
+/// Publishes one event of `topic` to `sink` and waits for it to be
+/// dead-lettered at its first attempt; returns its last error.
+fn dead_at_once(sink: outbox::KafkaSink, topic: &str) -> String {
+    let bed = setup();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    let ids = bed.publish(&[(topic, None)]);
+    let seen = bed
+        .signals
+        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
+    relay.shutdown(PATIENCE).unwrap();
+    assert!(retries(&seen).is_empty(), "{seen:?}");
+    let mut dead = dead_letters(&mut bed.conn());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, ids[0].get());
+    dead.remove(0).3
+}
+
 #[test]
 fn a_broker_that_rejects_the_size_dead_letters_the_event() {
-    let bed = setup();
     let cluster = cluster(&[("t", 1)]);
     let brokers = cluster.bootstrap_servers();
     cluster.request_errors(
@@ -273,18 +289,8 @@ fn a_broker_that_rejects_the_size_dead_letters_the_event() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
     let sink = outbox::KafkaSink::builder(&brokers).build().unwrap();
-    let relay = bed.relay().route("*", sink).start().unwrap();
-    let ids = bed.publish(&[("t", None)]);
-    let seen = bed
-        .signals
-        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
-    relay.shutdown(PATIENCE).unwrap();
-    assert!(retries(&seen).is_empty(), "{seen:?}");
-    let dead = dead_letters(&mut bed.conn());
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0, ids[0].get());
     assert_eq!(
-        dead[0].3,
+        dead_at_once(sink, "t"),
         "permanent failure: Kafka: Message production error: MessageSizeTooLarge (Broker: Message size too large)"
     );
     assert_eq!(records(&brokers, "t").len(), 0);
@@ -326,21 +332,12 @@ fn all_brokers_down_is_transient_then_delivered_after_recovery() {
 
 #[test]
 fn an_event_topic_that_is_no_kafka_topic_is_dead_lettered() {
-    let bed = setup();
     let cluster = cluster(&[]);
     let sink = outbox::KafkaSink::builder(cluster.bootstrap_servers())
         .build()
         .unwrap();
-    let relay = bed.relay().route("*", sink).start().unwrap();
-    let ids = bed.publish(&[("order/approved", None)]);
-    bed.signals
-        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
-    relay.shutdown(PATIENCE).unwrap();
-    let dead = dead_letters(&mut bed.conn());
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0, ids[0].get());
     assert_eq!(
-        dead[0].3,
+        dead_at_once(sink, "order/approved"),
         "permanent failure: topic \"order/approved\" does not make a Kafka topic (\"order/approved\": only ASCII letters, digits, '.', '_' and '-' are allowed)"
     );
 }
@@ -374,7 +371,6 @@ fn a_real_broker_when_kafka_brokers_is_set() {
 
 #[test]
 fn a_topic_the_cluster_does_not_have_is_dead_lettered() {
-    let bed = setup();
     let cluster = cluster(&[]);
     // The mock creates topics on first use; this one it reports unknown,
     // as a cluster with auto-creation off does.
@@ -388,18 +384,8 @@ fn a_topic_the_cluster_does_not_have_is_dead_lettered() {
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let relay = bed.relay().route("*", sink).start().unwrap();
-    let ids = bed.publish(&[("missing", None)]);
-    let seen = bed
-        .signals
-        .until(|s| s.iter().any(|s| matches!(s, Signal::Dead { .. })));
-    relay.shutdown(PATIENCE).unwrap();
-    assert!(retries(&seen).is_empty(), "{seen:?}");
-    let dead = dead_letters(&mut bed.conn());
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0, ids[0].get());
     assert_eq!(
-        dead[0].3,
+        dead_at_once(sink, "missing"),
         "permanent failure: Kafka: Message production error: UnknownTopicOrPartition (Broker: Unknown topic or partition)"
     );
 }
