@@ -6,7 +6,8 @@
 //! event id (consumers deduplicate on it), `delivery_mode` 2 (persistent),
 //! `content_type` `application/json`, `timestamp` = publish time; headers
 //! `outbox-topic`, `outbox-attempt`, `outbox-key` (when the event has one)
-//! and every event header. The body is the JSON payload.
+//! and every event header ([`AmqpBuilder::forward_headers`] chooses which).
+//! The body is the JSON payload, or the envelope ([`AmqpBuilder::body`]).
 //!
 //! Outcomes:
 //!
@@ -34,7 +35,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
 
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::{excerpt, Error};
 use crate::event::StoredEvent;
 
@@ -52,6 +53,8 @@ pub struct AmqpSink {
     exchange: String,
     routing_key: Option<String>,
     timeout: Duration,
+    body: Body,
+    forward: ForwardHeaders,
     /// Opened on first use, and again after any failure.
     open: Mutex<Option<(Connection, Channel)>>,
 }
@@ -62,6 +65,8 @@ impl std::fmt::Debug for AmqpSink {
         f.debug_struct("AmqpSink")
             .field("exchange", &self.exchange)
             .field("routing_key", &self.routing_key)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +77,8 @@ pub struct AmqpBuilder {
     exchange: String,
     routing_key: Option<String>,
     timeout: Duration,
+    body: Body,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for AmqpBuilder {
@@ -81,6 +88,8 @@ impl std::fmt::Debug for AmqpBuilder {
             .field("exchange", &self.exchange)
             .field("routing_key", &self.routing_key)
             .field("timeout", &self.timeout)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +107,8 @@ impl AmqpSink {
             exchange: exchange.into(),
             routing_key: None,
             timeout: Self::DEFAULT_TIMEOUT,
+            body: Body::Payload,
+            forward: ForwardHeaders::All,
         }
     }
 }
@@ -116,6 +127,25 @@ impl AmqpBuilder {
     /// (5 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// What each message's body is: [`Body::Payload`], the payload, or
+    /// [`Body::Envelope`], `{id, topic, key, created_at, headers, payload}`
+    /// (content type `application/json` either way). Defaults to
+    /// [`Body::Payload`].
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Which event headers go into the message's header table (and into
+    /// the envelope's `headers`): see [`ForwardHeaders`]. The sink's own
+    /// (`outbox-topic`, `outbox-attempt`, `outbox-key`) and the
+    /// `message_id` property are always sent. Defaults to
+    /// [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -148,6 +178,8 @@ impl AmqpBuilder {
             exchange: self.exchange,
             routing_key: self.routing_key,
             timeout: self.timeout,
+            body: self.body,
+            forward: self.forward,
             open: Mutex::new(None),
         })
     }
@@ -182,12 +214,12 @@ impl AmqpSink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn properties(event: &StoredEvent) -> BasicProperties {
+    fn properties(&self, event: &StoredEvent) -> BasicProperties {
         let mut headers = FieldTable::default();
         let mut put = |name: &str, value: &str| {
             headers.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
         };
-        for (name, value) in &event.headers {
+        for (name, value) in self.forward.select(event) {
             put(name, value);
         }
         put("outbox-topic", &event.topic);
@@ -212,8 +244,8 @@ impl AmqpSink {
     }
 
     /// Why `event` cannot be a message, checked before anything is sent.
-    fn check(event: &StoredEvent) -> Result<(), DeliveryError> {
-        if event.headers.keys().any(|name| name.len() > 255) {
+    fn check(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
+        if self.forward.select(event).any(|(name, _)| name.len() > 255) {
             return Err(DeliveryError::permanent(
                 "an event header name is longer than AMQP allows (255 bytes)",
             ));
@@ -227,7 +259,7 @@ impl AmqpSink {
         channel: &Channel,
         event: &StoredEvent,
     ) -> Result<PublisherConfirm, DeliveryError> {
-        let body = event.payload.to_string();
+        let body = self.body.render(event, &self.forward);
         channel
             .basic_publish(
                 self.exchange.as_str().into(),
@@ -236,8 +268,8 @@ impl AmqpSink {
                     mandatory: true,
                     immediate: false,
                 },
-                body.as_bytes(),
-                Self::properties(event),
+                &body,
+                self.properties(event),
             )
             .await
             .map_err(|e| self.failed(e))
@@ -295,7 +327,7 @@ impl Sink for AmqpSink {
     /// Publishes every message, then waits for their confirms, all within
     /// one timeout; each event gets its own verdict.
     fn deliver_batch(&self, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
-        let checked: Vec<_> = events.iter().map(|event| Self::check(event)).collect();
+        let checked: Vec<_> = events.iter().map(|event| self.check(event)).collect();
         if checked.iter().all(Result::is_err) {
             return checked;
         }

@@ -10,9 +10,9 @@
 //!   `murmur2_random`, the Java client's partitioner, so a key's records
 //!   land in one partition whichever client wrote them, in order;
 //! - **value**: the JSON payload, or the envelope
-//!   `{"id", "topic", "created_at", "payload"}` ([`KafkaBuilder::envelope`]);
-//! - **headers**: every event header, then `outbox-id`, `outbox-topic` and
-//!   `outbox-attempt`.
+//!   `{id, topic, key, created_at, headers, payload}` ([`KafkaBuilder::body`]);
+//! - **headers**: every event header ([`KafkaBuilder::forward_headers`]
+//!   chooses which), then `outbox-id`, `outbox-topic` and `outbox-attempt`.
 //!
 //! A batch from the relay is produced at once and its delivery reports
 //! awaited together (`Sink::deliver_batch`); each event gets its own
@@ -31,7 +31,7 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::{excerpt, Error};
 use crate::event::StoredEvent;
 
@@ -48,7 +48,8 @@ use crate::event::StoredEvent;
 pub struct KafkaSink {
     config: ClientConfig,
     topics: TopicMap,
-    envelope: bool,
+    body: Body,
+    forward: ForwardHeaders,
     timeout: Duration,
     /// Replaced after a fatal error, which leaves an idempotent producer
     /// unusable.
@@ -60,7 +61,8 @@ impl fmt::Debug for KafkaSink {
         // Never the client configuration: it may hold a SASL password.
         f.debug_struct("KafkaSink")
             .field("topics", &self.topics)
-            .field("envelope", &self.envelope)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -70,7 +72,8 @@ impl fmt::Debug for KafkaSink {
 pub struct KafkaBuilder {
     brokers: String,
     topics: TopicMap,
-    envelope: bool,
+    body: Body,
+    forward: ForwardHeaders,
     timeout: Duration,
     sasl: Option<(String, String)>,
     settings: Vec<(String, String)>,
@@ -82,7 +85,8 @@ impl fmt::Debug for KafkaBuilder {
         f.debug_struct("KafkaBuilder")
             .field("brokers", &self.brokers)
             .field("topics", &self.topics)
-            .field("envelope", &self.envelope)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -119,7 +123,8 @@ impl KafkaSink {
         KafkaBuilder {
             brokers: brokers.into(),
             topics: TopicMap::Same,
-            envelope: false,
+            body: Body::Payload,
+            forward: ForwardHeaders::All,
             timeout: Self::DEFAULT_TIMEOUT,
             sasl: None,
             settings: Vec::new(),
@@ -145,10 +150,20 @@ impl KafkaBuilder {
         self
     }
 
-    /// Sends the envelope `{"id", "topic", "created_at", "payload"}` as the
-    /// record's value instead of the bare payload (default: the payload).
-    pub fn envelope(mut self, envelope: bool) -> Self {
-        self.envelope = envelope;
+    /// What each record's value is: [`Body::Payload`], the payload, or
+    /// [`Body::Envelope`], `{id, topic, key, created_at, headers, payload}`.
+    /// Defaults to [`Body::Payload`].
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Which event headers become record headers (and go into the
+    /// envelope's `headers`): see [`ForwardHeaders`]. The sink's own
+    /// (`outbox-id`, `outbox-topic`, `outbox-attempt`) are always sent.
+    /// Defaults to [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -253,7 +268,8 @@ impl KafkaBuilder {
         Ok(KafkaSink {
             config: client,
             topics: self.topics,
-            envelope: self.envelope,
+            body: self.body,
+            forward: self.forward,
             timeout: self.timeout,
             producer: RwLock::new(producer),
         })
@@ -411,21 +427,11 @@ impl KafkaSink {
                 excerpt(&topic)
             )));
         }
-        let value = if self.envelope {
-            serde_json::json!({
-                "id": event.id,
-                "topic": event.topic,
-                "created_at": event.created_at,
-                "payload": event.payload,
-            })
-            .to_string()
-        } else {
-            event.payload.to_string()
-        };
+        let value = self.body.render(event, &self.forward);
         let id = event.id.to_string();
         let attempt = event.attempts.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len() + 3);
-        for (name, value) in &event.headers {
+        for (name, value) in self.forward.select(event) {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(value),
@@ -444,7 +450,7 @@ impl KafkaSink {
         Ok(Record {
             topic,
             key: event.key.clone(),
-            value: value.into_bytes(),
+            value,
             headers,
         })
     }

@@ -13,6 +13,19 @@ mod nats;
 mod redis;
 #[cfg(feature = "webhook")]
 mod webhook;
+// Its helpers serve the built-in sinks: unused in a build without one.
+#[cfg_attr(
+    not(any(
+        feature = "webhook",
+        feature = "nats",
+        feature = "amqp",
+        feature = "redis",
+        feature = "kafka",
+        feature = "mqtt"
+    )),
+    allow(dead_code)
+)]
+mod wire;
 
 use std::fmt;
 use std::time::Duration;
@@ -32,6 +45,7 @@ pub use mqtt::{MqttBuilder, MqttSink};
 pub use nats::{NatsBuilder, NatsSink};
 #[cfg(feature = "webhook")]
 pub use webhook::{WebhookBuilder, WebhookSink};
+pub use wire::{Body, ForwardHeaders};
 
 /// A destination for events: an HTTP endpoint, a broker, an in-process
 /// handler.

@@ -3,9 +3,10 @@
 //! delivered once the broker's PUBACK (QoS 1) or PUBCOMP (QoS 2) carries a
 //! success reason code.
 //!
-//! The payload is the JSON payload, with content type `application/json`
-//! and payload format indicator 1 (UTF-8). User properties: every event
-//! header, then `outbox-id` (the event id: QoS 1 may deliver a message
+//! The payload is the JSON payload, or the envelope ([`MqttBuilder::body`]),
+//! with content type `application/json` and payload format indicator 1
+//! (UTF-8). User properties: every event header
+//! ([`MqttBuilder::forward_headers`] chooses which), then `outbox-id` (the event id: QoS 1 may deliver a message
 //! twice, consumers deduplicate on it), `outbox-topic` (the event's topic,
 //! exactly), `outbox-attempt`, and `outbox-key` when the event has one.
 //!
@@ -26,7 +27,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::MqttOptions;
 
 use self::link::{Answer, Link, Message};
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::{excerpt, Error};
 use crate::event::StoredEvent;
 
@@ -47,6 +48,8 @@ pub struct MqttSink {
     timeout: Duration,
     max_inflight: u16,
     retry_without_subscribers: bool,
+    body: Body,
+    forward: ForwardHeaders,
     /// Connected on first use, and again after the connection was lost.
     link: Mutex<Option<Arc<Link>>>,
 }
@@ -58,6 +61,8 @@ impl std::fmt::Debug for MqttSink {
             .field("broker", &self.options.broker_address())
             .field("topic_prefix", &self.prefix)
             .field("qos", &self.qos)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +77,8 @@ pub struct MqttBuilder {
     max_inflight: u16,
     retry_without_subscribers: bool,
     root_certificates: Option<Vec<u8>>,
+    body: Body,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for MqttBuilder {
@@ -82,6 +89,8 @@ impl std::fmt::Debug for MqttBuilder {
             .field("qos", &self.qos)
             .field("timeout", &self.timeout)
             .field("client_id", &self.client_id)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +118,8 @@ impl MqttSink {
             max_inflight: Self::DEFAULT_MAX_INFLIGHT,
             retry_without_subscribers: false,
             root_certificates: None,
+            body: Body::Payload,
+            forward: ForwardHeaders::All,
         }
     }
 }
@@ -164,6 +175,24 @@ impl MqttBuilder {
     /// `/etc/pki/tls/certs/ca-bundle.crt`, `/etc/ssl/cert.pem` that exists.
     pub fn root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificates = Some(pem.into());
+        self
+    }
+
+    /// What each message's payload is: [`Body::Payload`], the event's
+    /// payload, or [`Body::Envelope`], `{id, topic, key, created_at,
+    /// headers, payload}` (content type `application/json` either way).
+    /// Defaults to [`Body::Payload`].
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Which event headers become user properties (and go into the
+    /// envelope's `headers`): see [`ForwardHeaders`]. The sink's own
+    /// (`outbox-id`, `outbox-topic`, `outbox-attempt`, `outbox-key`) are
+    /// always sent. Defaults to [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -228,6 +257,8 @@ impl MqttBuilder {
             timeout: self.timeout,
             max_inflight: self.max_inflight,
             retry_without_subscribers: self.retry_without_subscribers,
+            body: self.body,
+            forward: self.forward,
             link: Mutex::new(None),
         })
     }
@@ -255,9 +286,9 @@ impl MqttSink {
     fn message(&self, event: &StoredEvent) -> Result<Message, DeliveryError> {
         let topic = mqtt_topic(&self.prefix, &event.topic)?;
         let mut properties = Vec::with_capacity(event.headers.len() + 4);
-        for (name, value) in &event.headers {
-            if !OWN_PROPERTIES.contains(&name.as_str()) {
-                properties.push((name.clone(), value.clone()));
+        for (name, value) in self.forward.select(event) {
+            if !OWN_PROPERTIES.contains(&name) {
+                properties.push((name.to_owned(), value.to_owned()));
             }
         }
         properties.push(("outbox-id".to_owned(), event.id.to_string()));
@@ -277,7 +308,7 @@ impl MqttSink {
         Ok(Message {
             topic,
             qos: self.qos,
-            payload: event.payload.to_string().into_bytes(),
+            payload: self.body.render(event, &self.forward),
             properties: PublishProperties {
                 payload_format_indicator: Some(1),
                 content_type: Some("application/json".to_owned()),

@@ -1,11 +1,12 @@
 //! NATS JetStream: each event is one message on `<prefix>.<topic>`,
 //! delivered once the stream's PubAck arrives.
 //!
-//! The message body is the JSON payload. Headers: `Nats-Msg-Id` (the event
-//! id: JetStream drops a second message with the same id within the
-//! stream's duplicate window, 2 minutes by default), `outbox-topic`,
-//! `outbox-attempt`, `outbox-key` (when the event has one), and every event
-//! header.
+//! The message body is the JSON payload, or the envelope
+//! ([`NatsBuilder::body`]). Headers: `Nats-Msg-Id` (the event id: JetStream
+//! drops a second message with the same id within the stream's duplicate
+//! window, 2 minutes by default), `outbox-topic`, `outbox-attempt`,
+//! `outbox-key` (when the event has one), and every event header
+//! ([`NatsBuilder::forward_headers`] chooses which).
 //!
 //! A subject that no stream captures is a transient failure with a clear
 //! message ("no JetStream stream captures subject …"): creating the stream
@@ -24,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::{excerpt, Error};
 use crate::event::StoredEvent;
 
@@ -43,6 +44,8 @@ pub struct NatsSink {
     credentials: Credentials,
     prefix: String,
     timeout: Duration,
+    body: Body,
+    forward: ForwardHeaders,
     /// Connected on first use, and again after a failed connection attempt.
     context: Mutex<Option<Context>>,
 }
@@ -51,6 +54,8 @@ impl std::fmt::Debug for NatsSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsSink")
             .field("subject_prefix", &self.prefix)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +65,8 @@ pub struct NatsBuilder {
     url: String,
     prefix: String,
     timeout: Duration,
+    body: Body,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for NatsBuilder {
@@ -68,6 +75,8 @@ impl std::fmt::Debug for NatsBuilder {
         f.debug_struct("NatsBuilder")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +93,8 @@ impl NatsSink {
             url: url.into(),
             prefix: subject_prefix.into(),
             timeout: Self::DEFAULT_TIMEOUT,
+            body: Body::Payload,
+            forward: ForwardHeaders::All,
         }
     }
 }
@@ -95,6 +106,23 @@ impl NatsBuilder {
     /// (5 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// What each message's body is: [`Body::Payload`], the payload, or
+    /// [`Body::Envelope`], `{id, topic, key, created_at, headers, payload}`.
+    /// Defaults to [`Body::Payload`].
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Which event headers become NATS headers (and go into the envelope's
+    /// `headers`): see [`ForwardHeaders`]. The sink's own (`Nats-Msg-Id`,
+    /// `outbox-topic`, `outbox-attempt`, `outbox-key`) are always sent.
+    /// Defaults to [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -122,6 +150,8 @@ impl NatsBuilder {
             credentials,
             prefix: self.prefix,
             timeout: self.timeout,
+            body: self.body,
+            forward: self.forward,
             context: Mutex::new(None),
         })
     }
@@ -156,7 +186,7 @@ impl NatsSink {
         Ok(context)
     }
 
-    fn headers(event: &StoredEvent) -> Result<HeaderMap, DeliveryError> {
+    fn headers(&self, event: &StoredEvent) -> Result<HeaderMap, DeliveryError> {
         let mut headers = HeaderMap::new();
         let mut put = |name: &str, value: &str| -> Result<(), DeliveryError> {
             let name: HeaderName = name.parse().map_err(|_| {
@@ -171,7 +201,7 @@ impl NatsSink {
             headers.insert(name, value);
             Ok(())
         };
-        for (name, value) in &event.headers {
+        for (name, value) in self.forward.select(event) {
             put(name, value)?;
         }
         put("Nats-Msg-Id", &event.id.to_string())?;
@@ -195,8 +225,8 @@ impl NatsSink {
                 excerpt(&event.topic)
             )));
         }
-        let headers = Self::headers(event)?;
-        Ok((subject, headers, event.payload.to_string().into_bytes()))
+        let headers = self.headers(event)?;
+        Ok((subject, headers, self.body.render(event, &self.forward)))
     }
 
     /// The verdict on a message to `subject`, from its publish and PubAck

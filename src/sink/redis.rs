@@ -1,7 +1,9 @@
 //! Redis Streams: each event is one `XADD` entry.
 //!
 //! Entry fields: `id` (the event id), `topic`, `key` (omitted when the
-//! event has none), `payload` (JSON), `headers` (JSON object), `created_at`
+//! event has none), `payload` (the JSON payload, or the envelope:
+//! [`RedisBuilder::body`]), `headers` (a JSON object of the event headers
+//! [`RedisBuilder::forward_headers`] selects, `{}` when none), `created_at`
 //! (RFC 3339). The entry id is Redis's own (`*`).
 //!
 //! A batch from the relay is one pipeline of `XADD`s (one round trip,
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use redis::{Client, RedisError};
 
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::Error;
 use crate::event::StoredEvent;
 
@@ -31,6 +33,8 @@ use crate::event::StoredEvent;
 pub struct RedisSink {
     pool: diesel::r2d2::Pool<Client>,
     target: Target,
+    body: Body,
+    forward: ForwardHeaders,
 }
 
 enum Target {
@@ -46,6 +50,8 @@ pub struct RedisBuilder {
     prefix: String,
     stream: Option<String>,
     timeout: Duration,
+    body: Body,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for RedisBuilder {
@@ -55,6 +61,8 @@ impl std::fmt::Debug for RedisBuilder {
             .field("prefix", &self.prefix)
             .field("stream", &self.stream)
             .field("timeout", &self.timeout)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +81,8 @@ impl RedisSink {
             prefix: Self::DEFAULT_STREAM_PREFIX.to_owned(),
             stream: None,
             timeout: Self::DEFAULT_TIMEOUT,
+            body: Body::Payload,
+            forward: ForwardHeaders::All,
         }
     }
 }
@@ -85,6 +95,8 @@ impl std::fmt::Debug for RedisSink {
         };
         f.debug_struct("RedisSink")
             .field("stream", &target)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +120,24 @@ impl RedisBuilder {
     /// Defaults to [`RedisSink::DEFAULT_TIMEOUT`] (5 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// What each entry's `payload` field holds: [`Body::Payload`], the
+    /// payload, or [`Body::Envelope`], `{id, topic, key, created_at,
+    /// headers, payload}`. The entry's other fields stay as they are.
+    /// Defaults to [`Body::Payload`].
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Which event headers go into each entry's `headers` field (and into
+    /// the envelope's `headers`): see [`ForwardHeaders`]. The `id`,
+    /// `topic`, `key` and `created_at` fields are always there. Defaults to
+    /// [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -147,7 +177,12 @@ impl RedisBuilder {
             .test_on_check_out(false)
             .connection_customizer(Box::new(Timeouts(self.timeout)))
             .build_unchecked(client);
-        Ok(RedisSink { pool, target })
+        Ok(RedisSink {
+            pool,
+            target,
+            body: self.body,
+            forward: self.forward,
+        })
     }
 }
 
@@ -158,7 +193,8 @@ impl RedisSink {
             Target::PerTopic(prefix) => format!("{prefix}{}", event.topic),
             Target::Single(stream) => stream.clone(),
         };
-        let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned());
+        let headers: std::collections::BTreeMap<&str, &str> = self.forward.select(event).collect();
+        let headers = serde_json::to_string(&headers).unwrap_or_else(|_| "{}".to_owned());
         let mut xadd = redis::cmd("XADD");
         xadd.arg(&stream)
             .arg("*")
@@ -170,7 +206,7 @@ impl RedisSink {
             xadd.arg("key").arg(key);
         }
         xadd.arg("payload")
-            .arg(event.payload.to_string())
+            .arg(self.body.render(event, &self.forward))
             .arg("headers")
             .arg(headers)
             .arg("created_at")

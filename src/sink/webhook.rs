@@ -3,6 +3,8 @@
 //!
 //! Each event is one `POST` with body
 //! `{"type": <topic>, "timestamp": <created_at, RFC 3339>, "data": <payload>}`
+//! (the Standard Webhooks payload structure), or what
+//! [`WebhookBuilder::body`] chooses (the bare payload, or the envelope),
 //! and headers:
 //!
 //! | header | value |
@@ -13,7 +15,7 @@
 //! | `content-type` | `application/json` |
 //! | `outbox-topic`, `outbox-attempt` | the topic, the attempt number (1 for the first) |
 //! | `outbox-key` | the ordering key, when the event has one |
-//! | each event header | forwarded as is (e.g. `traceparent`) |
+//! | each event header | forwarded as is (e.g. `traceparent`); [`WebhookBuilder::forward_headers`] chooses which |
 //!
 //! Outcomes: any 2xx is delivered. 408, 425, 429, any 5xx, a timeout or a
 //! connection error is retried (a `Retry-After` in seconds is honoured,
@@ -34,7 +36,7 @@ use ureq::http::{HeaderName, HeaderValue, Uri};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
-use super::{DeliveryError, Sink};
+use super::{Body, DeliveryError, ForwardHeaders, Sink};
 use crate::error::{excerpt, Error};
 use crate::event::StoredEvent;
 
@@ -76,6 +78,9 @@ pub struct WebhookSink {
     url: Uri,
     key: Option<Vec<u8>>,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// `None`: the Standard Webhooks body.
+    body: Option<Body>,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for WebhookSink {
@@ -92,6 +97,8 @@ impl std::fmt::Debug for WebhookSink {
                     .map(|(n, _)| n.as_str())
                     .collect::<Vec<_>>(),
             )
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish()
     }
 }
@@ -102,6 +109,8 @@ pub struct WebhookBuilder {
     secret: Option<String>,
     headers: Vec<(String, String)>,
     timeout: Duration,
+    body: Option<Body>,
+    forward: ForwardHeaders,
 }
 
 impl std::fmt::Debug for WebhookBuilder {
@@ -120,6 +129,8 @@ impl std::fmt::Debug for WebhookBuilder {
                     .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
+            .field("body", &self.body)
+            .field("forward_headers", &self.forward)
             .finish()
     }
 }
@@ -135,6 +146,8 @@ impl WebhookSink {
             secret: None,
             headers: Vec::new(),
             timeout: Self::DEFAULT_TIMEOUT,
+            body: None,
+            forward: ForwardHeaders::All,
         }
     }
 }
@@ -150,6 +163,26 @@ impl WebhookBuilder {
     /// Adds a header to every request (an API token, say). Defaults to none.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sends this as the request body instead of the Standard Webhooks
+    /// body: [`Body::Payload`], the bare payload, or [`Body::Envelope`],
+    /// `{id, topic, key, created_at, headers, payload}`. The signature
+    /// covers whichever body is sent. Defaults to the Standard Webhooks
+    /// body `{"type": topic, "timestamp": created_at, "data": payload}`.
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// Which event headers become request headers (and go into the
+    /// envelope's `headers`): see [`ForwardHeaders`]. The sink's own
+    /// (`webhook-*`, `outbox-*`, `content-type`) and those set with
+    /// [`header`](Self::header) are always sent. Defaults to
+    /// [`ForwardHeaders::All`].
+    pub fn forward_headers(mut self, headers: ForwardHeaders) -> Self {
+        self.forward = headers;
         self
     }
 
@@ -228,6 +261,8 @@ impl WebhookBuilder {
             url,
             key,
             headers,
+            body: self.body,
+            forward: self.forward,
         })
     }
 }
@@ -250,12 +285,18 @@ impl WebhookSink {
 
 impl Sink for WebhookSink {
     fn deliver(&self, event: &StoredEvent) -> Result<(), DeliveryError> {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "type": event.topic,
-            "timestamp": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "data": event.payload,
-        }))
-        .map_err(|e| DeliveryError::permanent(format!("could not encode the request body: {e}")))?;
+        // What is sent is what is signed.
+        let body = match self.body {
+            Some(body) => body.render(event, &self.forward),
+            None => serde_json::to_vec(&serde_json::json!({
+                "type": event.topic,
+                "timestamp": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "data": event.payload,
+            }))
+            .map_err(|e| {
+                DeliveryError::permanent(format!("could not encode the request body: {e}"))
+            })?,
+        };
         let id = event.id.to_string();
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -284,7 +325,7 @@ impl Sink for WebhookSink {
                 Self::sign(secret, &id, timestamp, &body),
             );
         }
-        for (name, value) in &event.headers {
+        for (name, value) in self.forward.select(event) {
             if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 continue;
             }
