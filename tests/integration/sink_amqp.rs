@@ -1,6 +1,7 @@
 //! The RabbitMQ sink against the machine's broker (guest/guest at
 //! 127.0.0.1:5672), with an exchange and a queue of its own per test.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::options::{
@@ -129,6 +130,42 @@ impl Broker {
             }
             out
         })
+    }
+}
+
+impl Broker {
+    /// Takes the one message in the queue: (its header table, content
+    /// type, message id, body).
+    fn take_one(&self) -> (BTreeMap<String, String>, String, String, Vec<u8>) {
+        let d = self.runtime.block_on(async {
+            self.channel
+                .basic_get(self.name.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .expect("a message in the queue")
+                .delivery
+        });
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .iter()
+            .map(|(name, value)| match value {
+                AMQPValue::LongString(s) => (name.to_string(), s.to_string()),
+                other => panic!("header {name} is not a string: {other:?}"),
+            })
+            .collect();
+        let property = |p: &Option<lapin::types::ShortString>| {
+            p.as_ref().map(|s| s.to_string()).unwrap_or_default()
+        };
+        (
+            headers,
+            property(d.properties.content_type()),
+            property(d.properties.message_id()),
+            d.data,
+        )
     }
 }
 
@@ -338,4 +375,55 @@ fn an_unreachable_broker_is_retried_with_backoff_until_it_comes_back() {
     let got = broker.drain();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message_id, id.to_string());
+}
+
+#[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let broker = Broker::for_bed(&bed);
+    broker.bind();
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::AmqpSink::builder(AMQP, &broker.name)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let (headers, content_type, message_id, body) = broker.take_one();
+
+    let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "order.approved",
+            "key": "order-7",
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "order": 7 },
+        })
+    );
+    assert_eq!(content_type, "application/json");
+    assert_eq!(message_id, event.id.to_string());
+    let expected: BTreeMap<String, String> = [
+        ("traceparent", "00-abc-01"),
+        ("outbox-topic", "order.approved"),
+        ("outbox-attempt", "1"),
+        ("outbox-key", "order-7"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(headers, expected, "x-tenant stays behind");
 }

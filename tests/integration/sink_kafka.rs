@@ -136,21 +136,79 @@ fn the_envelope_and_a_topic_template() {
     let brokers = cluster.bootstrap_servers();
     let sink = outbox::KafkaSink::builder(&brokers)
         .topic_template("outbox.{topic}")
-        .envelope(true)
+        .body(outbox::Body::Envelope)
         .build()
         .unwrap();
+    bed.publish(&[("t", None)]);
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
     let relay = bed.relay().route("*", sink).start().unwrap();
-    let ids = bed.publish(&[("t", None)]);
     bed.signals.delivered(1);
     relay.shutdown(PATIENCE).unwrap();
     let got = records(&brokers, "outbox.t");
     assert_eq!(got.len(), 1);
     let value: serde_json::Value = serde_json::from_str(&got[0].value).unwrap();
-    assert_eq!(value["id"], serde_json::json!(ids[0]));
-    assert_eq!(value["topic"], "t");
-    assert_eq!(value["payload"], serde_json::json!({ "n": 0 }));
-    assert!(chrono::DateTime::parse_from_rfc3339(value["created_at"].as_str().unwrap()).is_ok());
-    assert_eq!(value.as_object().unwrap().len(), 4, "{value}");
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "t",
+            "key": null,
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": {},
+            "payload": { "n": 0 },
+        })
+    );
+}
+
+#[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let cluster = cluster(&[("order.approved", 1)]);
+    let brokers = cluster.bootstrap_servers();
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::KafkaSink::builder(&brokers)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let got = records(&brokers, "order.approved");
+
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key.as_deref(), Some("order-7"));
+    let value: serde_json::Value = serde_json::from_str(&got[0].value).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "order.approved",
+            "key": "order-7",
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "order": 7 },
+        })
+    );
+    let expected: HashMap<String, String> = [
+        ("traceparent", "00-abc-01".to_owned()),
+        ("outbox-id", event.id.to_string()),
+        ("outbox-topic", "order.approved".to_owned()),
+        ("outbox-attempt", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(got[0].headers, expected, "x-tenant stays behind");
 }
 
 #[test]
@@ -342,6 +400,46 @@ fn an_event_topic_that_is_no_kafka_topic_is_dead_lettered() {
     );
 }
 
+/// Creates `topic` (3 partitions) on a real broker: brokers may not create
+/// topics on first use (tansu does not).
+fn create_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let created = block_on(admin.create_topics(
+        &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+    ))
+    .unwrap();
+    for result in created {
+        result.unwrap();
+    }
+}
+
+/// Runs a future to completion on this thread (librdkafka's own thread
+/// completes the admin client's futures; no runtime needed).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
 /// Runs only with `KAFKA_BROKERS` (a real Kafka-protocol broker, e.g.
 /// tansu: docs/sinks.md); says it skipped otherwise.
 #[test]
@@ -352,6 +450,7 @@ fn a_real_broker_when_kafka_brokers_is_set() {
     };
     let bed = setup();
     let topic = format!("outbox-test-{}", bed.db.name());
+    create_topic(&brokers, &topic);
     let sink = outbox::KafkaSink::builder(&brokers)
         .topic_template(&topic)
         .build()

@@ -180,6 +180,59 @@ fn events_are_published_on_prefix_slash_topic_levels_with_their_properties() {
 }
 
 #[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let prefix = prefix(&bed);
+    let subscriber = Subscriber::on(&prefix, QoS::AtLeastOnce);
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = queued(&bed).remove(0);
+    let sink = outbox::MqttSink::builder(MQTT, &prefix)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let got = subscriber.take(1).remove(0);
+
+    let envelope: serde_json::Value = serde_json::from_str(&got.payload).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "order.approved",
+            "key": "order-7",
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "order": 7 },
+        })
+    );
+    assert_eq!(got.content_type.as_deref(), Some("application/json"));
+    assert_eq!(got.payload_format, Some(1));
+    let property = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+    assert_eq!(
+        got.properties,
+        [
+            property("traceparent", "00-abc-01"),
+            property("outbox-id", &event.id.to_string()),
+            property("outbox-topic", "order.approved"),
+            property("outbox-attempt", "1"),
+            property("outbox-key", "order-7"),
+        ],
+        "x-tenant stays behind"
+    );
+}
+
+#[test]
 fn every_event_arrives_once_and_in_order_per_key() {
     let bed = setup();
     let prefix = prefix(&bed);

@@ -264,3 +264,62 @@ fn an_unreachable_server_is_retried_with_backoff_until_it_comes_back() {
     outage_then_recovery(&bed, relay, port, "127.0.0.1:4222", "NATS unreachable");
     assert_eq!(stream.messages().len(), 1);
 }
+
+#[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let stream = Stream::for_bed(&bed);
+    stream.create();
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::NatsSink::builder(NATS, &stream.prefix)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let (headers, payload) = stream.runtime.block_on(async {
+        let stream = stream.context.get_stream(&stream.name).await.unwrap();
+        let m = stream.get_raw_message(1).await.unwrap();
+        let headers: std::collections::BTreeMap<String, String> = m
+            .headers
+            .iter()
+            .map(|(name, values)| (name.to_string(), values[0].as_str().to_owned()))
+            .collect();
+        (headers, m.payload.to_vec())
+    });
+
+    let envelope: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "order.approved",
+            "key": "order-7",
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "order": 7 },
+        })
+    );
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("traceparent", "00-abc-01".to_owned()),
+        ("Nats-Msg-Id", event.id.to_string()),
+        ("outbox-topic", "order.approved".to_owned()),
+        ("outbox-attempt", "1".to_owned()),
+        ("outbox-key", "order-7".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(headers, expected, "x-tenant stays behind");
+}

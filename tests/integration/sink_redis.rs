@@ -249,3 +249,60 @@ fn an_unreachable_redis_is_retried_with_backoff_until_it_comes_back() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["id"], id.to_string());
 }
+
+#[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let stream = format!("{}envelope", prefix(&bed));
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("order.approved", serde_json::json!({ "order": 7 }))
+                .key("order-7")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::RedisSink::builder(REDIS)
+        .stream(&stream)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = bed.relay().route("*", sink).start().unwrap();
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let got = entries(&stream);
+    cleanup(&[stream]);
+
+    assert_eq!(got.len(), 1);
+    let created_at = event
+        .created_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let envelope: serde_json::Value = serde_json::from_str(&got[0]["payload"]).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "order.approved",
+            "key": "order-7",
+            "created_at": created_at,
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "order": 7 },
+        })
+    );
+    // The other fields stay; `headers` holds the forwarded headers only.
+    let expected: HashMap<String, String> = [
+        ("id", event.id.to_string()),
+        ("topic", "order.approved".to_owned()),
+        ("key", "order-7".to_owned()),
+        ("payload", got[0]["payload"].clone()),
+        ("headers", r#"{"traceparent":"00-abc-01"}"#.to_owned()),
+        ("created_at", created_at),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(got[0], expected);
+}

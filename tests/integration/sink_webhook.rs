@@ -404,3 +404,71 @@ fn an_unreachable_endpoint_is_retried_with_backoff_until_it_comes_back() {
     assert_eq!(*requests.lock().unwrap(), 1);
     assert_eq!(pending(&mut bed.conn()), 0);
 }
+
+#[test]
+fn the_envelope_body_and_only_the_forwarded_headers_arrive() {
+    let bed = setup();
+    let hook = HookServer::start(|_| ok());
+    outbox::transaction(&mut bed.conn(), |tx| {
+        tx.publish_event(
+            outbox::NewEvent::dynamic("invoice.paid", serde_json::json!({ "invoice": 12 }))
+                .key("customer-3")
+                .header("traceparent", "00-abc-01")
+                .header("x-tenant", "acme"),
+        )
+    })
+    .unwrap();
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::WebhookSink::builder(&hook.url)
+        .secret(SECRET)
+        .body(outbox::Body::Envelope)
+        .forward_headers(outbox::ForwardHeaders::only(["traceparent"]))
+        .build()
+        .unwrap();
+    let relay = start_relay(&bed, sink);
+    bed.signals.delivered(1);
+    relay.shutdown(PATIENCE).unwrap();
+    let seen = hook.requests.try_recv().unwrap();
+
+    let envelope: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(
+        envelope,
+        serde_json::json!({
+            "id": event.id.get(),
+            "topic": "invoice.paid",
+            "key": "customer-3",
+            "created_at": event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "headers": { "traceparent": "00-abc-01" },
+            "payload": { "invoice": 12 },
+        })
+    );
+    assert!(verify(&seen), "the signature covers the envelope: {seen:?}");
+    assert_eq!(seen.header("traceparent"), Some("00-abc-01"));
+    assert_eq!(seen.header("x-tenant"), None, "not forwarded");
+    assert_eq!(seen.header("content-type"), Some("application/json"));
+    assert_eq!(
+        seen.header("webhook-id"),
+        Some(event.id.to_string().as_str())
+    );
+    assert_eq!(seen.header("outbox-topic"), Some("invoice.paid"));
+    assert_eq!(seen.header("outbox-attempt"), Some("1"));
+    assert_eq!(seen.header("outbox-key"), Some("customer-3"));
+    assert!(hook.requests.try_recv().is_err(), "exactly one request");
+}
+
+#[test]
+fn the_bare_payload_body_is_signed_as_sent() {
+    let bed = setup();
+    let hook = HookServer::start(|_| ok());
+    bed.publish(&[("t", None)]);
+    let event = outbox::queued_events(&mut bed.conn(), 1).unwrap().remove(0);
+    let sink = outbox::WebhookSink::builder(&hook.url)
+        .secret(SECRET)
+        .body(outbox::Body::Payload)
+        .build()
+        .unwrap();
+    outbox::Sink::deliver(&sink, &event).unwrap();
+    let seen = hook.requests.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(seen.body, br#"{"n":0}"#);
+    assert!(verify(&seen));
+}
