@@ -127,7 +127,7 @@ pub use relay::{
 };
 #[cfg(feature = "amqp")]
 pub use sink::{AmqpBuilder, AmqpSink};
-pub use sink::{DeliveryError, DeliveryErrorKind, Handler, Sink};
+pub use sink::{Body, DeliveryError, DeliveryErrorKind, ForwardHeaders, Handler, Sink};
 #[cfg(feature = "kafka")]
 pub use sink::{KafkaBuilder, KafkaSink};
 #[cfg(feature = "mqtt")]
