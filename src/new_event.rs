@@ -157,8 +157,13 @@ impl NewEvent {
     }
 
     /// Checks everything the database would reject, so that a bad event is
-    /// a typed error before any row is written.
-    pub(crate) fn into_valid(self) -> Result<ValidEvent> {
+    /// a typed error before any row is written. Every publish path passes
+    /// through here, so with the `opentelemetry` feature this is also where
+    /// the current trace context goes into the headers.
+    #[cfg_attr(not(feature = "opentelemetry"), allow(unused_mut))]
+    pub(crate) fn into_valid(mut self) -> Result<ValidEvent> {
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::record_current(&mut self.headers);
         validate_topic(&self.topic)?;
         if self.key.as_deref().is_some_and(|key| key.contains('\0')) {
             return Err(Error::InvalidKey {
