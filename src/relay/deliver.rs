@@ -126,8 +126,16 @@ impl<'a> Call<'a> {
 }
 
 /// `sink.deliver_batch(events)`, with a panic caught and turned into a
-/// transient failure of every event.
+/// transient failure of every event; with the `opentelemetry` feature,
+/// inside the delivery spans of [`super::spans`].
 fn deliver_batch(sink: &dyn Sink, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
+    #[cfg(feature = "opentelemetry")]
+    return super::spans::Deliveries::open(events).around(|| call_sink(sink, events));
+    #[cfg(not(feature = "opentelemetry"))]
+    call_sink(sink, events)
+}
+
+fn call_sink(sink: &dyn Sink, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
     panic::catch_unwind(AssertUnwindSafe(|| sink.deliver_batch(events))).unwrap_or_else(|panic| {
         let error = DeliveryError::transient(format!("sink panicked: {}", panic_message(&*panic)));
         vec![Err(error); events.len()]

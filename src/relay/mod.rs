@@ -15,6 +15,8 @@ mod listener;
 mod pq;
 mod rate;
 mod routing;
+#[cfg(feature = "opentelemetry")]
+mod spans;
 mod subscription;
 pub(crate) mod wakeup;
 mod worker;
