@@ -48,3 +48,5 @@ mod sink_webhook;
     feature = "mqtt"
 ))]
 mod tcp_proxy;
+#[cfg(feature = "opentelemetry")]
+mod tracing_context;
