@@ -76,6 +76,7 @@
 //! | `KafkaSink` (idempotent producer, delivery reports) | `kafka` |
 //! | `MqttSink` (MQTT 5, QoS 1 or 2, acknowledged per message) | `mqtt` |
 //! | the `outbox` command (migrate, publish, relay, status, dead letters) | `cli` |
+//! | trace context from publish to delivery (`traceparent`, delivery spans; `docs/relay.md`) | `opentelemetry` |
 //!
 //! ## Operating
 //!
@@ -104,6 +105,8 @@ mod queue;
 mod relay;
 mod sink;
 mod store;
+#[cfg(feature = "opentelemetry")]
+mod trace_context;
 mod transaction;
 
 pub use admin::{
