@@ -127,7 +127,7 @@ impl<'a> Call<'a> {
 
 /// `sink.deliver_batch(events)`, with a panic caught and turned into a
 /// transient failure of every event; with the `opentelemetry` feature,
-/// inside the delivery spans of [`super::spans`].
+/// inside the delivery spans of `relay/spans.rs`.
 fn deliver_batch(sink: &dyn Sink, events: &[&StoredEvent]) -> Vec<Result<(), DeliveryError>> {
     #[cfg(feature = "opentelemetry")]
     return super::spans::Deliveries::open(events).around(|| call_sink(sink, events));
