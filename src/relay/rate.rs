@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 /// A limit on how fast a relay hands events to a sink: at most `limit`
 /// deliveries started in **any** window of `per` (a sliding window, not a
 /// token bucket that refills: 10 per second never means 19 within one
-/// second). Put it on a route or a subscription with
+/// second). A delivery counts from the moment it is granted until the
+/// sink call returns, and for `per` after: so the limit holds for the
+/// moments the sink really starts its requests, however late a busy
+/// machine schedules them after the grant (the cost: slow calls lower the
+/// rate a little). Put it on a route or a subscription with
 /// [`RelayBuilder::rate_limit`](crate::RelayBuilder::rate_limit).
 ///
 /// - **Per relay process.** Every worker of the relay shares it; clones
@@ -35,9 +39,48 @@ use std::time::{Duration, Instant};
 pub struct RateLimit {
     limit: u32,
     per: Duration,
-    /// When deliveries started within the last `per`, oldest first, as
-    /// (when, how many): one entry per grant, not per event.
-    starts: Arc<Mutex<VecDeque<(Instant, u32)>>>,
+    /// The deliveries that count against the window: one entry per grant
+    /// (how many, and when their call returned; `None` while it runs).
+    grants: Arc<Mutex<Grants>>,
+}
+
+#[derive(Default)]
+struct Grants {
+    next: u64,
+    /// (grant number, how many, when the call returned).
+    entries: VecDeque<(u64, u32, Option<Instant>)>,
+}
+
+/// Deliveries [`RateLimit::take`] allowed: they count against the window
+/// until the call that makes them returns, then for one more window.
+/// Dropping it marks the call returned (also when the sink panicked).
+pub(crate) struct Permit<'a> {
+    limit: &'a RateLimit,
+    grant: u64,
+    /// How many deliveries it allows.
+    pub(crate) count: usize,
+}
+
+impl Permit<'_> {
+    /// Marks the call returned at `at` (rather than when dropped).
+    #[cfg(test)]
+    fn returned(self, at: Instant) {
+        self.mark(at);
+        std::mem::forget(self);
+    }
+
+    fn mark(&self, at: Instant) {
+        let mut grants = self.limit.lock();
+        if let Some(entry) = grants.entries.iter_mut().find(|e| e.0 == self.grant) {
+            entry.2 = Some(at);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.mark(Instant::now());
+    }
 }
 
 impl fmt::Debug for RateLimit {
@@ -46,24 +89,28 @@ impl fmt::Debug for RateLimit {
     }
 }
 
+/// How soon to look again while every counted delivery is still running
+/// (its end, which frees the window, is not known yet).
+const WHILE_RUNNING: Duration = Duration::from_millis(5);
+
 impl RateLimit {
-    /// At most `limit` deliveries started in any window of `per`. A zero
-    /// `limit` or `per` is refused by the relay's `start` (as
+    /// At most `limit` deliveries in any window of `per`. A zero `limit`
+    /// or `per` is refused by the relay's `start` (as
     /// [`Error::Config`](crate::Error::Config)).
     pub fn new(limit: u32, per: Duration) -> Self {
         RateLimit {
             limit,
             per,
-            starts: Arc::default(),
+            grants: Arc::default(),
         }
     }
 
-    /// At most `limit` deliveries started in any one second.
+    /// At most `limit` deliveries in any one second.
     pub fn per_second(limit: u32) -> Self {
         Self::new(limit, Duration::from_secs(1))
     }
 
-    /// The most deliveries started in any window.
+    /// The most deliveries in any window.
     pub fn limit(&self) -> u32 {
         self.limit
     }
@@ -86,30 +133,45 @@ impl RateLimit {
 
     /// Whether `self` and `other` share one budget.
     pub(crate) fn same(&self, other: &RateLimit) -> bool {
-        Arc::ptr_eq(&self.starts, &other.starts)
+        Arc::ptr_eq(&self.grants, &other.grants)
     }
 
-    /// Starts up to `wanted` deliveries at `now`: how many it may start
-    /// (at least one), or when the next one may.
-    pub(crate) fn take(&self, wanted: usize, now: Instant) -> Result<usize, Instant> {
-        let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
-        while starts
-            .front()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= self.per)
-        {
-            starts.pop_front();
-        }
-        let started: u32 = starts.iter().map(|(_, n)| n).sum();
-        let free = self.limit.saturating_sub(started);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Grants> {
+        self.grants.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Allows up to `wanted` deliveries to start at `now` (at least one),
+    /// or says when to ask again. A delivery counts from its grant until
+    /// its call returns (the [`Permit`] is dropped) and for `per` after:
+    /// so however late a granted call really starts, no `per` holds more
+    /// than `limit` starts, whenever they are measured from.
+    pub(crate) fn take(&self, wanted: usize, now: Instant) -> Result<Permit<'_>, Instant> {
+        let per = self.per;
+        let mut grants = self.lock();
+        grants.entries.retain(|(_, _, returned)| {
+            returned.is_none_or(|at| now.saturating_duration_since(at) < per)
+        });
+        let counted: u32 = grants.entries.iter().map(|(_, n, _)| n).sum();
+        let free = self.limit.saturating_sub(counted);
         if free == 0 || wanted == 0 {
-            // Free again when enough of the oldest leave the window; with
-            // nothing free, the oldest grant leaving frees at least one.
-            let oldest = starts.front().map_or(now, |(at, _)| *at);
-            return Err(oldest + self.per);
+            // The first to leave the window frees one; while all still
+            // run, their end is not known yet.
+            let first_out = grants
+                .entries
+                .iter()
+                .filter_map(|(_, _, returned)| returned.map(|at| at + per))
+                .min();
+            return Err(first_out.unwrap_or(now + WHILE_RUNNING.min(per)));
         }
-        let granted = u32::try_from(wanted).unwrap_or(u32::MAX).min(free);
-        starts.push_back((now, granted));
-        Ok(granted as usize)
+        let count = u32::try_from(wanted).unwrap_or(u32::MAX).min(free);
+        let grant = grants.next;
+        grants.next += 1;
+        grants.entries.push_back((grant, count, None));
+        Ok(Permit {
+            limit: self,
+            grant,
+            count: count as usize,
+        })
     }
 }
 
@@ -117,24 +179,28 @@ impl RateLimit {
 mod tests {
     use super::*;
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     #[test]
-    fn never_more_than_the_limit_in_any_window() {
+    fn a_delivery_counts_until_its_call_returns_and_a_window_after() {
         let limit = RateLimit::new(10, Duration::from_secs(1));
         let t0 = Instant::now();
-        assert_eq!(limit.take(4, t0), Ok(4));
-        assert_eq!(limit.take(100, t0 + Duration::from_millis(100)), Ok(6));
+        let first = limit.take(4, t0).unwrap();
+        assert_eq!(first.count, 4);
+        let second = limit.take(100, t0 + ms(100)).unwrap();
+        assert_eq!(second.count, 6);
+        // Full, and nothing has returned: look again soon.
         assert_eq!(
-            limit.take(1, t0 + Duration::from_millis(500)),
-            Err(t0 + Duration::from_secs(1)),
-            "full until the first grant leaves the window"
+            limit.take(1, t0 + ms(500)).err(),
+            Some(t0 + ms(500) + WHILE_RUNNING)
         );
-        // The first 4 left; the 6 of t0+100ms have not.
-        assert_eq!(limit.take(100, t0 + Duration::from_secs(1)), Ok(4));
-        assert_eq!(
-            limit.take(1, t0 + Duration::from_millis(1050)),
-            Err(t0 + Duration::from_millis(1100))
-        );
-        assert_eq!(limit.take(100, t0 + Duration::from_millis(1100)), Ok(6));
+        first.returned(t0 + ms(200));
+        // Free again one window after the first call returned.
+        assert_eq!(limit.take(1, t0 + ms(500)).err(), Some(t0 + ms(1200)));
+        assert_eq!(limit.take(100, t0 + ms(1200)).unwrap().count, 4);
+        second.returned(t0 + ms(300));
     }
 
     #[test]
@@ -142,8 +208,8 @@ mod tests {
         let a = RateLimit::per_second(3);
         let b = a.clone();
         let now = Instant::now();
-        assert_eq!(a.take(2, now), Ok(2));
-        assert_eq!(b.take(2, now), Ok(1));
+        let _two = a.take(2, now).unwrap();
+        assert_eq!(b.take(2, now).unwrap().count, 1);
         assert!(a.same(&b));
         assert!(!a.same(&RateLimit::per_second(3)));
     }
@@ -155,36 +221,64 @@ mod tests {
         assert_eq!(RateLimit::per_second(1).problem(), None);
     }
 
+    #[test]
+    fn a_call_that_panics_still_returns_its_permit() {
+        let limit = RateLimit::per_second(1);
+        let now = Instant::now();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _permit = limit.take(1, now).unwrap();
+            panic!("sink");
+        }));
+        assert!(caught.is_err());
+        let free_at = limit.take(1, now).err().unwrap();
+        assert!(free_at <= Instant::now() + Duration::from_secs(1));
+        assert!(
+            free_at > now + WHILE_RUNNING,
+            "returned, so a window, not a poll"
+        );
+    }
+
     proptest::proptest! {
-        /// Whatever the requests, no window of `per` ever holds more than
-        /// `limit` starts, and a refusal names a time when one is free.
+        /// Workers take permits and return them after calls of any length;
+        /// each delivery starts at any moment between its grant and its
+        /// return. No window of `per` ever holds more than `limit` starts.
         #[test]
-        fn the_window_holds(
-            limit in 1u32..20,
-            steps in proptest::collection::vec((0u64..400, 1usize..30), 1..200),
+        fn no_window_holds_more_than_the_limit_however_late_calls_start(
+            limit in 1u32..12,
+            steps in proptest::collection::vec((0u64..300, 1usize..20, 0u64..400, 0u64..100), 1..150),
         ) {
-            let per = Duration::from_millis(1000);
+            let per = ms(1000);
             let rate = RateLimit::new(limit, per);
             let t0 = Instant::now();
             let mut now = t0;
-            let mut started: Vec<Instant> = Vec::new();
-            for (advance, wanted) in steps {
-                now += Duration::from_millis(advance);
-                match rate.take(wanted, now) {
-                    Ok(granted) => {
-                        proptest::prop_assert!(granted >= 1 && granted <= wanted);
-                        started.extend(std::iter::repeat_n(now, granted));
-                    }
-                    Err(free_at) => {
-                        proptest::prop_assert!(free_at > now);
-                        proptest::prop_assert!(rate.take(1, free_at).is_ok());
-                        started.push(free_at);
-                        now = free_at;
-                    }
+            // Running calls: when they return, and their permits.
+            let mut running: Vec<(Instant, Permit<'_>)> = Vec::new();
+            let mut starts: Vec<Instant> = Vec::new();
+            for (advance, wanted, lasts, start_after) in steps {
+                now += ms(advance);
+                // Calls that returned by now, in order of return.
+                running.sort_by_key(|(at, _)| *at);
+                while running.first().is_some_and(|(at, _)| *at <= now) {
+                    let (at, permit) = running.remove(0);
+                    permit.returned(at);
                 }
-                let in_window = started
+                match rate.take(wanted, now) {
+                    Ok(permit) => {
+                        proptest::prop_assert!(permit.count >= 1 && permit.count <= wanted);
+                        let returns = now + ms(lasts);
+                        // Each delivery starts between grant and return.
+                        let start = now + ms(start_after.min(lasts));
+                        starts.extend(std::iter::repeat_n(start, permit.count));
+                        running.push((returns, permit));
+                    }
+                    Err(again) => proptest::prop_assert!(again > now),
+                }
+            }
+            starts.sort();
+            for (i, first) in starts.iter().enumerate() {
+                let in_window = starts[i..]
                     .iter()
-                    .filter(|at| now.saturating_duration_since(**at) < per)
+                    .take_while(|at| at.duration_since(*first) < per)
                     .count();
                 proptest::prop_assert!(in_window <= limit as usize, "{in_window} > {limit}");
             }

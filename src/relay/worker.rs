@@ -387,15 +387,15 @@ impl Worker {
                     }
                 }
                 let Some(limit) = call.limit() else {
-                    break Ok(call);
+                    break Ok((call, None));
                 };
                 match limit.take(call.events.len(), Instant::now()) {
-                    Ok(granted) => {
-                        let first = call.split_first(granted);
+                    Ok(permit) => {
+                        let first = call.split_first(permit.count);
                         if !call.events.is_empty() {
                             calls.push_front(call);
                         }
-                        break Ok(first);
+                        break Ok((first, Some(permit)));
                     }
                     Err(free_at) => {
                         // A long wait gives the connection back to the
@@ -416,7 +416,9 @@ impl Worker {
                     }
                 }
             };
-            let call = match call {
+            // The permit (if limited) counts these deliveries until the
+            // call returns.
+            let (call, _permit) = match call {
                 Ok(call) => call,
                 Err(unattempted) => {
                     let rest = unattempted..deliverable;
