@@ -7,6 +7,8 @@
 //! (Redis, RabbitMQ, NATS JetStream and Mosquitto on their default local ports;
 //! Kafka only with `KAFKA_BROKERS`, e.g. a local tansu: docs/sinks.md)
 
+#[path = "../tests/support/kafka_admin.rs"]
+mod kafka_admin;
 #[path = "../tests/support/pg.rs"]
 mod pg;
 #[path = "support/plain.rs"]
@@ -345,6 +347,8 @@ fn kafka(c: &mut Criterion) {
         eprintln!("sink/kafka skipped: set KAFKA_BROKERS to a Kafka-protocol broker");
         return;
     };
+    kafka_admin::create_topic(&brokers, "outbox-bench", 1);
+    kafka_admin::create_topic(&brokers, "outbox-bench-plain", 1);
     let sink = outbox::KafkaSink::builder(&brokers)
         .topic_template("outbox-bench")
         .build()

@@ -119,13 +119,39 @@ fn insert_idempotent(
     event: &ValidEvent,
     key: &str,
 ) -> QueryResult<EventId> {
+    use diesel::pg::Pg;
+    use diesel::query_builder::AstPass;
     use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz};
+
+    use super::prepared::{unknown_parameter, Binds, Prepared};
+
     #[derive(QueryableByName)]
     struct Id {
         #[diesel(sql_type = BigInt)]
         id: i64,
     }
-    let written = diesel::sql_query(
+    struct WriteBinds<'a> {
+        key: &'a str,
+        event: &'a ValidEvent,
+        payload: RawJson<'a>,
+        headers: RawJson<'a>,
+    }
+    impl Binds for WriteBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            let e = self.event;
+            match n {
+                1 => out.push_bind_param::<Text, _>(self.key),
+                2 => out.push_bind_param::<Text, _>(e.topic.as_str()),
+                3 => out.push_bind_param::<Nullable<Text>, _>(&e.key),
+                4 => out.push_bind_param::<Jsonb, _>(&self.payload),
+                5 => out.push_bind_param::<Jsonb, _>(&self.headers),
+                6 => out.push_bind_param::<Nullable<Timestamptz>, _>(&e.available_at),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct WriteStatement;
+    let written = Prepared::<WriteStatement, _>::new(
         "WITH k AS (
              INSERT INTO outbox.idempotency_keys AS k (key) VALUES ($1)
              ON CONFLICT (key) DO UPDATE
@@ -135,20 +161,32 @@ fn insert_idempotent(
          INSERT INTO outbox.events (id, topic, key, payload, headers, available_at)
          SELECT k.event_id, $2, $3, $4, $5, coalesce($6, now()) FROM k
          RETURNING id",
+        WriteBinds {
+            key,
+            event,
+            payload: RawJson(&event.payload),
+            headers: RawJson(event.headers.as_deref().unwrap_or("{}")),
+        },
     )
-    .bind::<Text, _>(key)
-    .bind::<Text, _>(event.topic.as_str())
-    .bind::<Nullable<Text>, _>(event.key.as_deref())
-    .bind::<Jsonb, _>(RawJson(&event.payload))
-    .bind::<Jsonb, _>(RawJson(event.headers.as_deref().unwrap_or("{}")))
-    .bind::<Nullable<Timestamptz>, _>(event.available_at)
     .get_result::<Id>(conn)
     .optional()?;
     if let Some(written) = written {
         return Ok(EventId(written.id));
     }
-    diesel::sql_query("SELECT event_id AS id FROM outbox.idempotency_keys WHERE key = $1")
-        .bind::<Text, _>(key)
-        .get_result::<Id>(conn)
-        .map(|taken| EventId(taken.id))
+    struct TakenBinds<'a>(&'a str);
+    impl Binds for TakenBinds<'_> {
+        fn push<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+            match n {
+                1 => out.push_bind_param::<Text, _>(self.0),
+                _ => Err(unknown_parameter(n)),
+            }
+        }
+    }
+    struct TakenStatement;
+    Prepared::<TakenStatement, _>::new(
+        "SELECT event_id AS id FROM outbox.idempotency_keys WHERE key = $1",
+        TakenBinds(key),
+    )
+    .get_result::<Id>(conn)
+    .map(|taken| EventId(taken.id))
 }

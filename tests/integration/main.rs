@@ -8,6 +8,9 @@ mod bad_inputs;
 #[cfg(feature = "cli")]
 mod cli;
 mod common;
+#[cfg(feature = "kafka")]
+#[path = "../support/kafka_admin.rs"]
+mod kafka_admin;
 mod migrate;
 mod pgbouncer;
 mod properties;

@@ -12,6 +12,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::common::pending;
+use crate::kafka_admin;
 use crate::relay_support::{count_delivered, dead_letters, retries, setup, Signal, PATIENCE};
 
 /// One record as a consumer read it back.
@@ -400,46 +401,6 @@ fn an_event_topic_that_is_no_kafka_topic_is_dead_lettered() {
     );
 }
 
-/// Creates `topic` (3 partitions) on a real broker: brokers may not create
-/// topics on first use (tansu does not).
-fn create_topic(brokers: &str, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let created = block_on(admin.create_topics(
-        &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    ))
-    .unwrap();
-    for result in created {
-        result.unwrap();
-    }
-}
-
-/// Runs a future to completion on this thread (librdkafka's own thread
-/// completes the admin client's futures; no runtime needed).
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::sync::Arc;
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
-    }
-}
-
 /// Runs only with `KAFKA_BROKERS` (a real Kafka-protocol broker, e.g.
 /// tansu: docs/sinks.md); says it skipped otherwise.
 #[test]
@@ -450,7 +411,7 @@ fn a_real_broker_when_kafka_brokers_is_set() {
     };
     let bed = setup();
     let topic = format!("outbox-test-{}", bed.db.name());
-    create_topic(&brokers, &topic);
+    kafka_admin::create_topic(&brokers, &topic, 3);
     let sink = outbox::KafkaSink::builder(&brokers)
         .topic_template(&topic)
         .build()
