@@ -360,9 +360,13 @@ impl Kafka {
                     .headers(headers);
                 self.producer.send(record).map_err(|(e, _)| e).unwrap();
             }
-            self.producer
-                .flush(std::time::Duration::from_secs(30))
-                .unwrap();
+            // Every delivery report, polled as they come (`flush` waits
+            // on a coarser poll).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while self.producer.in_flight_count() > 0 {
+                assert!(std::time::Instant::now() < deadline, "no delivery reports");
+                self.producer.poll(std::time::Duration::from_millis(1));
+            }
         }
     }
 }
