@@ -77,6 +77,10 @@ fn delivery_span(event: &StoredEvent) -> Span {
         otel.status_code = Empty,
         otel.status_description = Empty,
     );
+    if span.is_disabled() {
+        // No subscriber wants it: skip reading the headers.
+        return span;
+    }
     let parent = trace_context::extract(&event.headers);
     if parent.span().span_context().is_valid() {
         // Fails only without a tracing-opentelemetry layer (or with the
