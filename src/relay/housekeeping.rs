@@ -115,18 +115,24 @@ impl Housekeeping {
             Ok(_) => {}
             Err(error) => tracing::warn!(relay = %relay, %error, "reclaiming outbox.events failed"),
         }
+        // A full call means more may have expired: call again.
+        let mut expired = 0;
         loop {
             match maintenance::expire_idempotency_keys(conn) {
-                Ok(expired) if expired == maintenance::EXPIRE_KEYS_PER_CALL => continue,
-                Ok(expired) if expired > 0 => {
-                    tracing::debug!(relay = %relay, expired, "deleted expired idempotency keys");
+                Ok(n) => {
+                    expired += n;
+                    if n < maintenance::EXPIRE_KEYS_PER_CALL {
+                        break;
+                    }
                 }
-                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(relay = %relay, %error, "expiring idempotency keys failed");
+                    break;
                 }
             }
-            break;
+        }
+        if expired > 0 {
+            tracing::debug!(relay = %relay, expired, "deleted expired idempotency keys");
         }
         match crate::store::wake_stranded(conn) {
             Ok(ids) if !ids.is_empty() => {

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::deliver;
+use super::rate::Permit;
 use super::subscription::Served;
 use super::wakeup::{Idleness, Pause, LINGER};
 use super::Shared;
@@ -361,61 +362,8 @@ impl Worker {
         // ones of its key.
         let mut calls: std::collections::VecDeque<_> =
             deliver::calls(&served.routes, &events[..deliverable]).into();
-        while let Some(mut call) = calls.pop_front() {
-            // A rate-limited call goes as far as the limit allows now; the
-            // rest waits, its lease renewed, unattempted.
-            let call = loop {
-                if self.stopping() {
-                    break Err(call.events.start);
-                }
-                if lease.due() {
-                    // The whole batch: delivered events stay held until the settle.
-                    let renewed = match slot {
-                        Some(conn) => self.extend_lease(conn, &batch),
-                        // Given back while waiting for a rate limit.
-                        None => match shared.pool.get() {
-                            Ok(conn) => self.extend_lease(slot.insert(conn), &batch),
-                            Err(error) => {
-                                tracing::warn!(relay = %shared.name, %error, "no connection to renew a lease");
-                                None
-                            }
-                        },
-                    };
-                    match renewed {
-                        Some(held) => lease.renewed(held),
-                        None => lease.renewal_failed(),
-                    }
-                }
-                let Some(limit) = call.limit() else {
-                    break Ok((call, None));
-                };
-                match limit.take(call.events.len(), Instant::now()) {
-                    Ok(permit) => {
-                        let first = call.split_first(permit.count);
-                        if !call.events.is_empty() {
-                            calls.push_front(call);
-                        }
-                        break Ok((first, Some(permit)));
-                    }
-                    Err(free_at) => {
-                        // A long wait gives the connection back to the
-                        // pool: other subscriptions' workers need it more.
-                        if free_at.saturating_duration_since(Instant::now()) > GIVE_BACK_AFTER {
-                            *slot = None;
-                        }
-                        // Never past the lease's renewal (and never a spin,
-                        // however slow the sink's calls have been).
-                        let renewal = lease
-                            .due_at()
-                            .max(Instant::now() + Duration::from_millis(10));
-                        let until = free_at.min(renewal);
-                        select! {
-                            recv(self.shutdown) -> _ => {}
-                            default(until.saturating_duration_since(Instant::now())) => {}
-                        }
-                    }
-                }
-            };
+        while let Some(call) = calls.pop_front() {
+            let call = self.when_allowed(call, &mut calls, slot, &mut lease, &batch);
             // The permit (if limited) counts these deliveries until the
             // call returns.
             let (call, _permit) = match call {
@@ -468,6 +416,78 @@ impl Worker {
         } else {
             Round::Partial
         })
+    }
+
+    /// Waits until `call` may go: renews the lease when due, and for a
+    /// rate-limited call takes a permit, splitting off (back to the front
+    /// of `calls`) what the limit does not allow yet. Returns the call to
+    /// make and its permit, or, when the relay stops first, the batch
+    /// index of the first event left unattempted.
+    fn when_allowed<'c>(
+        &self,
+        mut call: deliver::Call<'c>,
+        calls: &mut std::collections::VecDeque<deliver::Call<'c>>,
+        slot: &mut Option<PooledConn>,
+        lease: &mut LeaseKeeper,
+        batch: &Batch<'_>,
+    ) -> Result<(deliver::Call<'c>, Option<Permit<'c>>), usize> {
+        loop {
+            if self.stopping() {
+                return Err(call.events.start);
+            }
+            if lease.due() {
+                self.renew(slot, lease, batch);
+            }
+            let Some(limit) = call.limit() else {
+                return Ok((call, None));
+            };
+            match limit.take(call.events.len(), Instant::now()) {
+                Ok(permit) => {
+                    let first = call.split_first(permit.count);
+                    if !call.events.is_empty() {
+                        calls.push_front(call);
+                    }
+                    return Ok((first, Some(permit)));
+                }
+                Err(free_at) => {
+                    // A long wait gives the connection back to the pool:
+                    // other subscriptions' workers need it more.
+                    if free_at.saturating_duration_since(Instant::now()) > GIVE_BACK_AFTER {
+                        *slot = None;
+                    }
+                    // Never past the lease's renewal (and never a spin,
+                    // however slow the sink's calls have been).
+                    let renewal = lease
+                        .due_at()
+                        .max(Instant::now() + Duration::from_millis(10));
+                    let until = free_at.min(renewal);
+                    select! {
+                        recv(self.shutdown) -> _ => {}
+                        default(until.saturating_duration_since(Instant::now())) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the whole batch's lease (delivered events stay held until
+    /// the settle), on the worker's connection or, when it was given back
+    /// while waiting for a rate limit, a pooled one.
+    fn renew(&self, slot: &mut Option<PooledConn>, lease: &mut LeaseKeeper, batch: &Batch<'_>) {
+        let renewed = match slot {
+            Some(conn) => self.extend_lease(conn, batch),
+            None => match self.shared.pool.get() {
+                Ok(conn) => self.extend_lease(slot.insert(conn), batch),
+                Err(error) => {
+                    tracing::warn!(relay = %self.shared.name, %error, "no connection to renew a lease");
+                    None
+                }
+            },
+        };
+        match renewed {
+            Some(held) => lease.renewed(held),
+            None => lease.renewal_failed(),
+        }
     }
 
     /// Decides the verdict on `event` (the batch's `index`th) from its
